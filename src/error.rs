@@ -1,0 +1,149 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::Location;
+
+/// Everything that can go wrong in `sire`.
+///
+/// Variants carry the sizes, devices and paths involved so that a message is
+/// actionable on its own. A failed operation never leaves a model half-moved:
+/// when a move fails the model stays whole at its previous location.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The model is larger than the whole budget of the pool it must go to;
+    /// no amount of eviction or waiting can make room.
+    #[error(
+        "model `{model}` needs {} on {location} but the whole budget there is {}",
+        fmt_bytes(*requested),
+        fmt_bytes(*budget)
+    )]
+    TooLarge {
+        /// Name of the model.
+        model: String,
+        /// The pool that cannot hold it.
+        location: Location,
+        /// Bytes the model needs.
+        requested: u64,
+        /// The pool's whole budget.
+        budget: u64,
+    },
+
+    /// Room could not be made: what is missing is held by models in use (and the
+    /// wait timed out or was not allowed) or cannot be evicted anywhere.
+    #[error(
+        "no room for model `{model}` ({}) on {location}: {} of {} in use{}",
+        fmt_bytes(*requested),
+        fmt_bytes(*in_use),
+        fmt_bytes(*budget),
+        match waited { Some(d) => format!(", gave up after waiting {d:?}"), None => String::new() }
+    )]
+    OutOfMemory {
+        /// Name of the model.
+        model: String,
+        /// The pool that is full.
+        location: Location,
+        /// Bytes the model needs.
+        requested: u64,
+        /// The pool's budget.
+        budget: u64,
+        /// Bytes held in the pool when the call gave up.
+        in_use: u64,
+        /// How long the call waited for room, if it waited.
+        waited: Option<Duration>,
+    },
+
+    /// A budget string (argument or environment variable) could not be parsed.
+    #[error("invalid budget {value:?} for {name}: {reason} (expected e.g. `6GiB`, `6000MB`, `0.8` or `80%`)")]
+    InvalidBudget {
+        /// Where the value came from (an environment variable or builder method).
+        name: String,
+        /// The text that was given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A device that does not exist on this machine was named.
+    #[error("unknown device {location}: this machine has {available} CUDA device(s)")]
+    UnknownDevice {
+        /// The location asked for.
+        location: Location,
+        /// How many CUDA devices exist.
+        available: usize,
+    },
+
+    /// The spill directory cannot be used.
+    #[error("spill directory {path:?} is not usable: {source}")]
+    SpillDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A spill file failed its integrity check; the bytes on disk are not the
+    /// ones that were written.
+    #[error("spill file {path:?} is corrupt: {detail}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What did not match.
+        detail: String,
+    },
+
+    /// The model's tensors are not all on one device.
+    #[error("model `{model}` has tensors on several devices: {devices}")]
+    MixedDevices {
+        /// Name of the model.
+        model: String,
+        /// The devices found, with one tensor name each.
+        devices: String,
+    },
+
+    /// The options given to `manage_with` contradict each other or the machine.
+    #[error("invalid options for model `{model}`: {reason}")]
+    InvalidOptions {
+        /// Name of the model.
+        model: String,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// The model was registered with a different `ResourcePoolManagement`.
+    #[error("model `{model}` belongs to another ResourcePoolManagement instance")]
+    ForeignModel {
+        /// Name of the model.
+        model: String,
+    },
+
+    /// A failure inside libtorch.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+
+    /// An I/O failure.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Formats a byte count for humans (`1.50 GiB`).
+pub(crate) fn fmt_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
