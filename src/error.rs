@@ -113,6 +113,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// The operation needs an idle model, but guards on it are alive.
+    #[error("model `{model}` is in use ({guards} live guard(s))")]
+    InUse {
+        /// Name of the model.
+        model: String,
+        /// Live guards.
+        guards: u64,
+    },
+
     /// The model was registered with a different `ResourcePoolManagement`.
     #[error("model `{model}` belongs to another ResourcePoolManagement instance")]
     ForeignModel {

@@ -1,0 +1,302 @@
+//! `ResourcePoolManagement`: the public handle on the engine, its builder, and
+//! the global instance behind the free functions.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crate::budget;
+use crate::error::fmt_bytes;
+use crate::ffi;
+use crate::manager::Inner;
+use crate::{Error, Location, ManageOptions, Managed, ResourceUser, Result, Stats};
+
+/// Owns the pools, the managed models, their LRU order and the statistics.
+///
+/// Cheap to clone (a reference-counted handle). One global instance backs the
+/// free functions ([`setup_default_pools`], [`manage`](crate::manage), [`stats`]);
+/// tests and embedders can build independent instances with
+/// [`ResourcePoolManagement::builder`].
+///
+/// ```
+/// # fn main() -> sire::Result<()> {
+/// let dir = tempfile::tempdir()?;
+/// let pools = sire::ResourcePoolManagement::builder()
+///     .cuda(false)
+///     .cpu_budget(64 << 20)
+///     .spill_dir(dir.path())
+///     .build()?;
+/// let m = pools.manage(sire::TensorSet::new([("w", tch::Tensor::ones([1024], tch::kind::FLOAT_CPU))])?)?;
+/// let g = sire::auto_manage(&m)?;
+/// assert_eq!(g.device(), tch::Device::Cpu);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct ResourcePoolManagement {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl ResourcePoolManagement {
+    /// A builder that detects the machine; every detected value can be overridden.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// Registers a model with default options. Nothing moves, unless host memory
+    /// is over budget: then idle models (least recently used first), or this
+    /// one, are spilled to disk.
+    pub fn manage<T: ResourceUser>(&self, model: T) -> Result<Managed<T>> {
+        self.manage_with(model, ManageOptions::default())
+    }
+
+    /// Registers a model with options.
+    pub fn manage_with<T: ResourceUser>(&self, model: T, opts: ManageOptions) -> Result<Managed<T>> {
+        let reg = self.inner.register(&model, opts)?;
+        Ok(Managed::new(model, reg.core, self.clone()))
+    }
+
+    /// A snapshot of pools, residents and counters.
+    pub fn stats(&self) -> Stats {
+        self.inner.stats()
+    }
+
+    /// The pools and their budgets.
+    pub fn pools(&self) -> Vec<(Location, u64)> {
+        self.inner.pools()
+    }
+
+    /// The directory this instance spills to (a private subdirectory of the
+    /// configured spill directory, removed when the instance is dropped).
+    pub fn spill_dir(&self) -> Option<&std::path::Path> {
+        self.inner.spill_dir.as_deref()
+    }
+}
+
+impl fmt::Debug for ResourcePoolManagement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResourcePoolManagement").field("pools", &self.pools()).finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for ResourcePoolManagement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pools: Vec<String> = self.pools().iter().map(|(l, b)| format!("{l} {}", fmt_bytes(*b))).collect();
+        write!(f, "pools: {}", pools.join(", "))?;
+        if let Some(d) = self.spill_dir() {
+            write!(f, " (spill dir {})", d.display())?;
+        }
+        Ok(())
+    }
+}
+
+/// Configures a [`ResourcePoolManagement`].
+///
+/// Each budget comes, in order of precedence, from the builder, from the
+/// environment (when [`Builder::env`] is on, the default), or from the machine:
+///
+/// | pool | builder | environment | default |
+/// |---|---|---|---|
+/// | each CUDA device | [`cuda_budget`](Builder::cuda_budget) | `SIRE_CUDA_BUDGET` | NVML total − max(1 GiB, 10%) |
+/// | host memory | [`cpu_budget`](Builder::cpu_budget) | `SIRE_CPU_BUDGET` | available (cgroup-aware) − max(512 MiB, 10%) |
+/// | disk | [`disk_budget`](Builder::disk_budget) | `SIRE_DISK_BUDGET` | free space − max(1 GiB, 5%) |
+/// | spill directory | [`spill_dir`](Builder::spill_dir) | `SIRE_SPILL_DIR` | `$TMPDIR/sire` |
+///
+/// Environment budgets accept `6GiB`, `6000MB`, plain bytes, or a fraction
+/// (`0.8`, `80%`) of the device total, available host memory or free disk.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Builder {
+    cuda: bool,
+    cuda_budget: Option<u64>,
+    cpu_budget: Option<u64>,
+    disk_budget: Option<u64>,
+    spill_dir: Option<PathBuf>,
+    disk: bool,
+    env: bool,
+    wait_timeout: Duration,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            cuda: true,
+            cuda_budget: None,
+            cpu_budget: None,
+            disk_budget: None,
+            spill_dir: None,
+            disk: true,
+            env: true,
+            wait_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Builder {
+    /// Whether to use CUDA devices (default: every device libtorch sees).
+    pub fn cuda(mut self, on: bool) -> Self {
+        self.cuda = on;
+        self
+    }
+
+    /// Budget in bytes for every CUDA device.
+    pub fn cuda_budget(mut self, bytes: u64) -> Self {
+        self.cuda_budget = Some(bytes);
+        self
+    }
+
+    /// Budget in bytes for host memory.
+    pub fn cpu_budget(mut self, bytes: u64) -> Self {
+        self.cpu_budget = Some(bytes);
+        self
+    }
+
+    /// Budget in bytes for the spill directory.
+    pub fn disk_budget(mut self, bytes: u64) -> Self {
+        self.disk_budget = Some(bytes);
+        self
+    }
+
+    /// The spill directory (created if missing; must be writable).
+    pub fn spill_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.spill_dir = Some(dir.into());
+        self
+    }
+
+    /// Whether to have a disk tier at all (default on).
+    pub fn disk(mut self, on: bool) -> Self {
+        self.disk = on;
+        self
+    }
+
+    /// Whether to read the `SIRE_*` environment variables (default on).
+    pub fn env(mut self, on: bool) -> Self {
+        self.env = on;
+        self
+    }
+
+    /// How long [`auto_manage`](crate::auto_manage) waits for room held by
+    /// models in use before it fails (default 60 s).
+    pub fn wait_timeout(mut self, timeout: Duration) -> Self {
+        self.wait_timeout = timeout;
+        self
+    }
+
+    /// Detects the machine, applies overrides, and creates the pools.
+    pub fn build(self) -> Result<ResourcePoolManagement> {
+        let mut pools = Vec::new();
+        if self.cuda {
+            match ffi::ensure_libtorch_cuda_loaded() {
+                ffi::LoadOutcome::Failed(why) => tracing::warn!(%why, "could not load libtorch_cuda.so"),
+                outcome => tracing::debug!(?outcome, "libtorch_cuda"),
+            }
+            let n = if tch::Cuda::is_available() { tch::Cuda::device_count().max(0) as usize } else { 0 };
+            if n > 0 {
+                let totals = budget::nvml_totals(n);
+                for i in 0..n {
+                    let total = totals.as_ref().ok().and_then(|t| t.get(i).copied());
+                    let b = match (self.cuda_budget, self.env_budget("SIRE_CUDA_BUDGET", total)?, total) {
+                        (Some(b), _, _) | (None, Some(b), _) => b,
+                        (None, None, Some(t)) => budget::default_cuda_budget(t),
+                        (None, None, None) => {
+                            return Err(Error::InvalidBudget {
+                                name: "SIRE_CUDA_BUDGET".into(),
+                                value: String::new(),
+                                reason: format!(
+                                    "the memory of cuda:{i} cannot be read ({}); set a budget",
+                                    totals.as_ref().err().cloned().unwrap_or_default()
+                                ),
+                            })
+                        }
+                    };
+                    pools.push((Location::Cuda(i), b));
+                }
+            }
+        }
+        let avail = budget::host_available();
+        let cpu = match (self.cpu_budget, self.env_budget("SIRE_CPU_BUDGET", Some(avail))?) {
+            (Some(b), _) | (None, Some(b)) => b,
+            (None, None) => budget::default_cpu_budget(avail),
+        };
+        pools.push((Location::Cpu, cpu));
+        let mut spill = None;
+        if self.disk {
+            let root = match (&self.spill_dir, self.env.then(|| std::env::var_os("SIRE_SPILL_DIR")).flatten()) {
+                (Some(d), _) => d.clone(),
+                (None, Some(d)) if !d.is_empty() => PathBuf::from(d),
+                _ => std::env::temp_dir().join("sire"),
+            };
+            let dir = make_spill_dir(&root)?;
+            let free = budget::disk_free(&dir).map_err(|e| Error::SpillDir { path: dir.clone(), source: e })?;
+            let disk = match (self.disk_budget, self.env_budget("SIRE_DISK_BUDGET", Some(free))?) {
+                (Some(b), _) | (None, Some(b)) => b,
+                (None, None) => budget::default_disk_budget(free),
+            };
+            pools.push((Location::Disk, disk));
+            spill = Some(dir);
+        }
+        Ok(ResourcePoolManagement { inner: Arc::new(Inner::new(pools, spill, self.wait_timeout)) })
+    }
+
+    fn env_budget(&self, var: &str, total: Option<u64>) -> Result<Option<u64>> {
+        if self.env {
+            budget::budget_from_env(var, total)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// Creates this instance's private subdirectory and checks that it is writable.
+fn make_spill_dir(root: &std::path::Path) -> Result<PathBuf> {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let err = |path: &std::path::Path, source| Error::SpillDir { path: path.to_path_buf(), source };
+    std::fs::create_dir_all(root).map_err(|e| err(root, e))?;
+    let dir = root.join(format!("sire-{}-{}", std::process::id(), N.fetch_add(1, Relaxed)));
+    std::fs::create_dir_all(&dir).map_err(|e| err(&dir, e))?;
+    let probe = dir.join(".probe");
+    std::fs::write(&probe, b"sire").map_err(|e| {
+        let _ = std::fs::remove_dir(&dir);
+        err(&dir, e)
+    })?;
+    std::fs::remove_file(&probe).map_err(|e| err(&dir, e))?;
+    Ok(dir)
+}
+
+static GLOBAL: OnceLock<ResourcePoolManagement> = OnceLock::new();
+static SETUP: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
+/// Sets up the global instance from the machine and the `SIRE_*` environment
+/// variables (see [`Builder`]) and returns it. Calling it again is harmless: it
+/// returns the existing instance and logs what it holds.
+///
+/// The other free functions call this on first use, so calling it is optional;
+/// calling it first surfaces configuration errors (a malformed `SIRE_CUDA_BUDGET`,
+/// an unwritable `SIRE_SPILL_DIR`) at a predictable place.
+pub fn setup_default_pools() -> Result<ResourcePoolManagement> {
+    if let Some(g) = GLOBAL.get() {
+        tracing::info!("sire already set up: {g}");
+        return Ok(g.clone());
+    }
+    let _lock = SETUP.lock();
+    if let Some(g) = GLOBAL.get() {
+        return Ok(g.clone());
+    }
+    let pools = Builder::default().build()?;
+    tracing::info!("sire set up: {pools}");
+    Ok(GLOBAL.get_or_init(|| pools).clone())
+}
+
+/// The global instance, set up on first use.
+pub(crate) fn global() -> Result<ResourcePoolManagement> {
+    match GLOBAL.get() {
+        Some(g) => Ok(g.clone()),
+        None => setup_default_pools(),
+    }
+}
+
+/// A snapshot of the global instance (set up on first use).
+pub fn stats() -> Result<Stats> {
+    Ok(global()?.stats())
+}
