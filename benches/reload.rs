@@ -1,1 +1,92 @@
-fn main(){}
+//! Reloading a spilled model from the disk tier, against `std::fs::read` of the
+//! same file (both from the page cache), and the reload's peak extra memory.
+//!
+//! Run: `source scripts/env.sh && cargo bench --bench reload`
+//! (`SIRE_BENCH_MIB` sets the model size, default 256).
+
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, Criterion, Throughput};
+use sire::{Location, ResourcePoolManagement, TensorSet};
+use tch::{Device, Kind, Tensor};
+
+fn model_mib() -> u64 {
+    std::env::var("SIRE_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+}
+
+fn setup() -> (ResourcePoolManagement, sire::Managed<TensorSet>, std::path::PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let pools = ResourcePoolManagement::builder()
+        .cuda(false)
+        .env(false)
+        .cpu_budget(4 << 30)
+        .spill_dir(dir.path())
+        .build()
+        .unwrap();
+    let elems = (model_mib() << 20) / 4;
+    // Eight tensors, like the layers of a model.
+    let set = TensorSet::new(
+        (0..8).map(|i| (format!("layer{i}"), Tensor::randn([(elems / 8) as i64], (Kind::Float, Device::Cpu)))),
+    )
+    .unwrap();
+    let m = pools.manage(set).unwrap();
+    m.offload().unwrap();
+    let file = std::fs::read_dir(pools.spill_dir().unwrap()).unwrap().next().unwrap().unwrap().path();
+    (pools, m, file, dir)
+}
+
+fn status_kib(field: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = s.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Peak resident-set growth during one reload, by resetting the high-water mark.
+fn peak_extra_memory() {
+    let (_pools, m, _file, _dir) = setup();
+    let size = m.size_bytes();
+    assert_eq!(m.location(), Location::Disk);
+    std::fs::write("/proc/self/clear_refs", "5").expect("reset VmHWM (Linux >= 4.0)");
+    let before = status_kib("VmRSS:") * 1024;
+    let g = sire::auto_manage(&m).unwrap();
+    let peak = status_kib("VmHWM:") * 1024;
+    drop(g);
+    let extra = peak.saturating_sub(before);
+    println!(
+        "reload/peak_extra_memory: model {} MiB, peak extra {:.1} MiB = {:.3}x the model (goal <= 1.10x)",
+        size >> 20,
+        extra as f64 / (1 << 20) as f64,
+        extra as f64 / size as f64
+    );
+}
+
+fn bench(c: &mut Criterion) {
+    let (_pools, m, file, _dir) = setup();
+    let bytes = std::fs::metadata(&file).unwrap().len();
+    let mut group = c.benchmark_group("reload");
+    group.throughput(Throughput::Bytes(bytes));
+    group.sample_size(20).measurement_time(Duration::from_secs(10));
+    group.bench_function("std_fs_read", |b| b.iter(|| std::fs::read(&file).unwrap()));
+    group.bench_function("sire_reload", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                m.offload().unwrap(); // clean: drops the host copy, no write
+                let t = Instant::now();
+                drop(sire::auto_manage(&m).unwrap());
+                total += t.elapsed();
+            }
+            total
+        })
+    });
+    group.finish();
+    assert_eq!(_pools.stats().bytes_to_disk, m.size_bytes(), "written once");
+}
+
+criterion_group!(benches, bench);
+
+fn main() {
+    peak_extra_memory();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -186,9 +186,7 @@ pub(crate) fn parse_budget(name: &str, value: &str, total: Option<u64>) -> Resul
                         .into(),
                 ));
             }
-            number
-                .mul_div(u128::from(total), 1)
-                .ok_or_else(too_large)?
+            number.mul_div(u128::from(total), 1).ok_or_else(too_large)?
         }
         "%" => {
             let total = need_total("a percentage")?;
@@ -233,7 +231,17 @@ pub(crate) fn parse_budget(name: &str, value: &str, total: Option<u64>) -> Resul
 /// Reads the environment variable `var` and parses it with [`parse_budget`]
 /// (`total` as there). `Ok(None)` when it is unset or empty (blank).
 pub(crate) fn budget_from_env(var: &str, total: Option<u64>) -> Result<Option<u64>> {
-    match std::env::var(var) {
+    budget_from_var(var, std::env::var(var), total)
+}
+
+/// [`budget_from_env`] given the variable's lookup result (testable without
+/// touching the process environment, which other threads may be reading).
+fn budget_from_var(
+    var: &str,
+    value: std::result::Result<String, std::env::VarError>,
+    total: Option<u64>,
+) -> Result<Option<u64>> {
+    match value {
         Ok(v) if v.trim().is_empty() => Ok(None),
         Ok(v) => parse_budget(var, &v, total).map(Some),
         Err(std::env::VarError::NotPresent) => Ok(None),
@@ -321,7 +329,8 @@ fn map_cuda_totals(
                     uncertain |= !pci_order;
                     (i < physical.len()).then_some(i)
                 } else if entry.starts_with("GPU-") {
-                    let mut matches = (0..physical.len()).filter(|&i| physical[i].0.starts_with(entry));
+                    let mut matches =
+                        (0..physical.len()).filter(|&i| physical[i].0.starts_with(entry));
                     match (matches.next(), matches.next()) {
                         (Some(i), None) => Some(i),
                         _ => None, // unknown or ambiguous prefix
@@ -588,10 +597,7 @@ mod tests {
             assert!(reason(v, None).contains("empty"), "{v:?}");
         }
         for v in ["0", "0GiB", "0.0", "0%", "0.000"] {
-            assert!(
-                reason(v, Some(100)).contains("greater than zero"),
-                "{v:?}"
-            );
+            assert!(reason(v, Some(100)).contains("greater than zero"), "{v:?}");
         }
         for v in ["-1", "-6GiB", "-0.5"] {
             assert!(reason(v, Some(100)).contains("positive"), "{v:?}");
@@ -641,34 +647,42 @@ mod tests {
 
     #[test]
     fn from_env() {
-        // Variable names unique to this test: tests run in parallel in one process.
-        let var = "SIRE_TEST_BUDGET_FROM_ENV_5f1c";
-        std::env::remove_var(var);
-        assert_eq!(budget_from_env(var, None).unwrap(), None);
-        std::env::set_var(var, "");
-        assert_eq!(budget_from_env(var, None).unwrap(), None);
-        std::env::set_var(var, "  ");
-        assert_eq!(budget_from_env(var, None).unwrap(), None);
-        std::env::set_var(var, "6GiB");
-        assert_eq!(budget_from_env(var, None).unwrap(), Some(6 * GIB));
-        std::env::set_var(var, "0.5");
-        assert_eq!(budget_from_env(var, Some(1000)).unwrap(), Some(500));
-        match budget_from_env(var, None) {
+        use std::env::VarError;
+        let var = "SIRE_TEST_BUDGET";
+        let set = |v: &str| Ok(v.to_string());
+        assert_eq!(
+            budget_from_var(var, Err(VarError::NotPresent), None).unwrap(),
+            None
+        );
+        assert_eq!(budget_from_var(var, set(""), None).unwrap(), None);
+        assert_eq!(budget_from_var(var, set("  "), None).unwrap(), None);
+        assert_eq!(
+            budget_from_var(var, set("6GiB"), None).unwrap(),
+            Some(6 * GIB)
+        );
+        assert_eq!(
+            budget_from_var(var, set("0.5"), Some(1000)).unwrap(),
+            Some(500)
+        );
+        match budget_from_var(var, set("0.5"), None) {
             Err(Error::InvalidBudget { name, .. }) => assert_eq!(name, var),
             other => panic!("{other:?}"),
         }
-        std::env::set_var(var, "lots");
-        assert!(budget_from_env(var, Some(1000)).is_err());
-        #[cfg(unix)]
+        assert!(budget_from_var(var, set("lots"), Some(1000)).is_err());
         {
-            use std::os::unix::ffi::OsStrExt;
-            std::env::set_var(var, std::ffi::OsStr::from_bytes(b"6\xffGiB"));
-            match budget_from_env(var, None) {
+            use std::os::unix::ffi::OsStringExt;
+            let bad = std::ffi::OsString::from_vec(b"6\xffGiB".to_vec());
+            match budget_from_var(var, Err(VarError::NotUnicode(bad)), None) {
                 Err(Error::InvalidBudget { reason, .. }) => assert!(reason.contains("UTF-8")),
                 other => panic!("{other:?}"),
             }
         }
-        std::env::remove_var(var);
+        // The real environment, read only (setting variables while libtorch's
+        // threads may call getenv is not sound).
+        assert_eq!(
+            budget_from_env("SIRE_TEST_BUDGET_SURELY_UNSET_5f1c", None).unwrap(),
+            None
+        );
     }
 
     #[test]
@@ -701,7 +715,7 @@ mod tests {
         };
         let same = phys(&[80, 80, 80]);
         let mixed = phys(&[80, 24, 48]);
-        assert_eq!(map_cuda_totals(0, &mixed, None, None).unwrap(), vec![]);
+        assert!(map_cuda_totals(0, &mixed, None, None).unwrap().is_empty());
         assert_eq!(map_cuda_totals(3, &same, None, None).unwrap(), vec![80; 3]);
         // Order not pinned and sizes differ: the smallest for all.
         assert_eq!(map_cuda_totals(3, &mixed, None, None).unwrap(), vec![24; 3]);
@@ -754,11 +768,17 @@ mod tests {
         let count = tch::Cuda::device_count() as usize;
         match nvml_totals(count.max(1)) {
             Ok(t) => {
-                assert!(t.len() == count.max(1) && t.iter().all(|&b| b > GIB), "{t:?}")
+                assert!(
+                    t.len() == count.max(1) && t.iter().all(|&b| b > GIB),
+                    "{t:?}"
+                )
             }
             // No driver on this machine: a clear message, not a panic.
             Err(msg) => {
-                assert_eq!(count, 0, "CUDA sees {count} device(s) but NVML failed: {msg}");
+                assert_eq!(
+                    count, 0,
+                    "CUDA sees {count} device(s) but NVML failed: {msg}"
+                );
                 assert!(!msg.is_empty());
             }
         }
@@ -804,10 +824,7 @@ mod tests {
         // Path not visible (no cgroup namespace, own cgroup bind-mounted at the root).
         write(&r.join("memory.max"), &format!("{}\n", 4 * GIB));
         write(&r.join("memory.current"), &format!("{}\n", GIB));
-        assert_eq!(
-            cgroup_remaining("0::/docker/abc123\n", r),
-            Some(3 * GIB)
-        );
+        assert_eq!(cgroup_remaining("0::/docker/abc123\n", r), Some(3 * GIB));
     }
 
     #[test]
@@ -817,20 +834,35 @@ mod tests {
         let unlimited = "9223372036854771712\n";
         let mem = r.join("memory");
         write(&mem.join("memory.limit_in_bytes"), unlimited);
-        write(&mem.join("memory.usage_in_bytes"), &format!("{}\n", 20 * GIB));
+        write(
+            &mem.join("memory.usage_in_bytes"),
+            &format!("{}\n", 20 * GIB),
+        );
         let leaf = mem.join("process_api/abc");
-        write(&leaf.join("memory.limit_in_bytes"), &format!("{}\n", 16 * GIB));
-        write(&leaf.join("memory.usage_in_bytes"), &format!("{}\n", 10 * GIB));
+        write(
+            &leaf.join("memory.limit_in_bytes"),
+            &format!("{}\n", 16 * GIB),
+        );
+        write(
+            &leaf.join("memory.usage_in_bytes"),
+            &format!("{}\n", 10 * GIB),
+        );
         write(
             &leaf.join("memory.stat"),
-            &format!("cache 1\ninactive_file 5\ntotal_inactive_file {}\n", 2 * GIB),
+            &format!(
+                "cache 1\ninactive_file 5\ntotal_inactive_file {}\n",
+                2 * GIB
+            ),
         );
         let procfile = "9:name=systemd:/\n4:memory:/process_api/abc\n1:cpu,cpuacct:/\n0::/\n";
         assert_eq!(cgroup_remaining(procfile, r), Some(8 * GIB));
         write(&leaf.join("memory.limit_in_bytes"), unlimited);
         assert_eq!(cgroup_remaining(procfile, r), None);
         // Controller lists with memory among others.
-        write(&leaf.join("memory.limit_in_bytes"), &format!("{}\n", 11 * GIB));
+        write(
+            &leaf.join("memory.limit_in_bytes"),
+            &format!("{}\n", 11 * GIB),
+        );
         assert_eq!(
             cgroup_remaining("5:cpuset,memory:/process_api/abc\n", r),
             Some(3 * GIB)
@@ -847,7 +879,11 @@ mod tests {
         sys.refresh_memory();
         let avail = host_available();
         assert!(avail > 0);
-        assert!(avail <= sys.total_memory(), "{avail} > {}", sys.total_memory());
+        assert!(
+            avail <= sys.total_memory(),
+            "{avail} > {}",
+            sys.total_memory()
+        );
         assert!(default_cpu_budget(avail) < avail);
     }
 

@@ -963,3 +963,75 @@ fn check_shapes(model: &str, path: &Path, groups: &[Group], ts: &[Tensor]) -> Re
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ResourcePoolManagement, TensorSet};
+
+    fn pools(cpu: u64) -> (ResourcePoolManagement, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = ResourcePoolManagement::builder()
+            .cuda(false)
+            .env(false)
+            .cpu_budget(cpu)
+            .spill_dir(dir.path())
+            .build()
+            .unwrap();
+        (p, dir)
+    }
+
+    fn set(v: f32) -> TensorSet {
+        TensorSet::new([("w", Tensor::full([1024], v as f64, tch::kind::FLOAT_CPU))]).unwrap()
+    }
+
+    #[test]
+    fn a_failed_load_leaves_the_model_whole_on_disk() {
+        let (p, _d) = pools(1 << 20);
+        let m = p.manage(set(2.0)).unwrap();
+        m.offload().unwrap();
+        p.inner.fail_next(FailAt::Load);
+        let err = crate::auto_manage(&m).unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
+        p.inner.check_invariants();
+        assert_eq!(m.location(), Location::Disk);
+        assert_eq!(p.stats().pool(Location::Cpu).unwrap().used, 0, "the reservation was released");
+        // Still whole: the next load succeeds with the right weights.
+        let g = crate::auto_manage(&m).unwrap();
+        assert_eq!(g.get("w").unwrap().sum(tch::Kind::Float).double_value(&[]), 2048.0);
+    }
+
+    #[test]
+    fn a_failed_spill_leaves_the_model_whole_in_memory() {
+        let (p, _d) = pools(1 << 20);
+        let m = p.manage(set(3.0)).unwrap();
+        p.inner.fail_next(FailAt::Spill);
+        assert!(m.offload().is_err());
+        p.inner.check_invariants();
+        assert_eq!(m.location(), Location::Cpu);
+        assert_eq!(p.stats().pool(Location::Disk).unwrap().used, 0, "the disk reservation was released");
+        let tmp: Vec<_> = std::fs::read_dir(p.spill_dir().unwrap()).unwrap().collect();
+        assert!(tmp.is_empty(), "no file left behind");
+        // Usable in place, and a later spill works.
+        drop(crate::try_auto_manage(&m).unwrap());
+        m.offload().unwrap();
+        assert_eq!(m.location(), Location::Disk);
+    }
+
+    #[test]
+    fn a_failed_eviction_fails_the_load_that_needed_it_and_leaves_both_models_whole() {
+        let (p, _d) = pools(4096);
+        let a = p.manage(set(1.0)).unwrap();
+        let b = p.manage(set(5.0)).unwrap(); // a spilled to make room
+        assert_eq!(a.location(), Location::Disk);
+        p.inner.fail_next(FailAt::Spill); // b's eviction will fail
+        assert!(crate::auto_manage(&a).is_err());
+        p.inner.check_invariants();
+        assert_eq!((a.location(), b.location()), (Location::Disk, Location::Cpu));
+        let g = crate::auto_manage(&a).unwrap();
+        assert_eq!(g.get("w").unwrap().sum(tch::Kind::Float).double_value(&[]), 1024.0);
+        drop(g);
+        let g = crate::auto_manage(&b).unwrap();
+        assert_eq!(g.get("w").unwrap().sum(tch::Kind::Float).double_value(&[]), 5120.0);
+    }
+}
