@@ -29,7 +29,9 @@ fn bench(c: &mut Criterion) {
             .build()
             .unwrap();
         let models: Vec<_> = (0..n)
-            .map(|i| pools.manage(TensorSet::new([("w", Tensor::from_slice(&[i as f32; 4]))]).unwrap()).unwrap())
+            .map(|i| {
+                pools.manage(TensorSet::new([("w", Tensor::from_slice(&[i as f32; 4]))]).unwrap()).unwrap()
+            })
             .collect();
         // Every model is resident; use one in the middle of the registry.
         let m = &models[n / 2];

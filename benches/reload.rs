@@ -26,7 +26,8 @@ fn setup() -> (ResourcePoolManagement, sire::Managed<TensorSet>, std::path::Path
     let elems = (model_mib() << 20) / 4;
     // Eight tensors, like the layers of a model.
     let set = TensorSet::new(
-        (0..8).map(|i| (format!("layer{i}"), Tensor::randn([(elems / 8) as i64], (Kind::Float, Device::Cpu)))),
+        (0..8)
+            .map(|i| (format!("layer{i}"), Tensor::randn([(elems / 8) as i64], (Kind::Float, Device::Cpu)))),
     )
     .unwrap();
     let m = pools.manage(set).unwrap();

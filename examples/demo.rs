@@ -35,7 +35,9 @@ fn mlp(seed: i64) -> Mlp {
 }
 
 fn main() -> sire::Result<()> {
-    tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .init();
     let model_bytes = (2 * (HIDDEN * HIDDEN + HIDDEN) * 4) as u64;
     let budget = model_bytes * 5 / 2;
     let gpu = tch::Cuda::is_available();

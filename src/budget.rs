@@ -65,10 +65,7 @@ impl Decimal {
 
     /// `self <= limit` for an integer limit.
     fn at_most(self, limit: u128) -> bool {
-        match 10u128
-            .checked_pow(self.scale)
-            .and_then(|p| p.checked_mul(limit))
-        {
+        match 10u128.checked_pow(self.scale).and_then(|p| p.checked_mul(limit)) {
             Some(bound) => self.mantissa <= bound,
             None => true, // bound beyond u128 while mantissa fits: certainly below
         }
@@ -90,10 +87,7 @@ fn parse_decimal(s: &str) -> std::result::Result<Decimal, String> {
     let too_large = || "the number is too large".to_string();
     let mut mantissa: u128 = 0;
     let mut scale = 0;
-    let digits = int
-        .bytes()
-        .map(|d| (d, true))
-        .chain(frac.bytes().map(|d| (d, false)));
+    let digits = int.bytes().map(|d| (d, true)).chain(frac.bytes().map(|d| (d, false)));
     for (d, integral) in digits {
         debug_assert!(d.is_ascii_digit());
         if !integral {
@@ -107,11 +101,7 @@ fn parse_decimal(s: &str) -> std::result::Result<Decimal, String> {
             .and_then(|m| m.checked_add(u128::from(d - b'0')))
             .ok_or_else(too_large)?;
     }
-    Ok(Decimal {
-        mantissa,
-        scale,
-        has_point,
-    })
+    Ok(Decimal { mantissa, scale, has_point })
 }
 
 /// The multiplier of a (lower-cased, trimmed) byte unit.
@@ -136,26 +126,20 @@ fn unit_multiplier(unit: &str) -> Option<u64> {
 /// method) and appears in the error. `total` is what fractions (`0.8`) and
 /// percentages (`80%`) are taken of; with `None` they are rejected.
 pub(crate) fn parse_budget(name: &str, value: &str, total: Option<u64>) -> Result<u64> {
-    let err = |reason: String| Error::InvalidBudget {
-        name: name.to_string(),
-        value: value.to_string(),
-        reason,
-    };
+    let err =
+        |reason: String| Error::InvalidBudget { name: name.to_string(), value: value.to_string(), reason };
     let s = value.trim();
     if s.is_empty() {
         return Err(err("the value is empty".into()));
     }
-    let num_end = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let num_end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, unit) = s.split_at(num_end);
     let unit = unit.trim().to_ascii_lowercase();
     if num.is_empty() {
         let lower = s.to_ascii_lowercase();
         let reason = if s.starts_with('-') {
             "a budget must be positive".to_string()
-        } else if lower.starts_with("nan") || lower.starts_with("inf") || lower.starts_with("+inf")
-        {
+        } else if lower.starts_with("nan") || lower.starts_with("inf") || lower.starts_with("+inf") {
             "not a finite number".to_string()
         } else {
             "expected a number".to_string()
@@ -168,11 +152,7 @@ pub(crate) fn parse_budget(name: &str, value: &str, total: Option<u64>) -> Resul
     }
     let too_large = || err(format!("more than {} bytes", u64::MAX));
     let need_total = |what: &str| {
-        total.ok_or_else(|| {
-            err(format!(
-                "{what} of a total is not allowed here; give a size such as `6GiB`"
-            ))
-        })
+        total.ok_or_else(|| err(format!("{what} of a total is not allowed here; give a size such as `6GiB`")))
     };
 
     let bytes: u128 = match unit.as_str() {
@@ -193,25 +173,18 @@ pub(crate) fn parse_budget(name: &str, value: &str, total: Option<u64>) -> Resul
             if !number.at_most(100) {
                 return Err(err("a percentage must be in (0, 100]".into()));
             }
-            number
-                .mul_div(u128::from(total), 100)
-                .ok_or_else(too_large)?
+            number.mul_div(u128::from(total), 100).ok_or_else(too_large)?
         }
         u => {
             let Some(mult) = unit_multiplier(u) else {
                 let shown = s[num_end..].trim();
                 let exponent = shown.len() > 1
                     && shown[..1].eq_ignore_ascii_case("e")
-                    && shown[1..]
-                        .trim_start_matches(['+', '-'])
-                        .bytes()
-                        .all(|b| b.is_ascii_digit());
+                    && shown[1..].trim_start_matches(['+', '-']).bytes().all(|b| b.is_ascii_digit());
                 return Err(err(if exponent {
                     "exponents are not supported; use a unit such as `GB`".into()
                 } else {
-                    format!(
-                        "unknown unit `{shown}` (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB or %)"
-                    )
+                    format!("unknown unit `{shown}` (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB or %)")
                 }));
             };
             number.mul_div(u128::from(mult), 1).ok_or_else(too_large)?
@@ -277,21 +250,15 @@ pub(crate) fn nvml_totals(count: usize) -> std::result::Result<Vec<u64>, String>
     if count == 0 {
         return Ok(Vec::new());
     }
-    let nvml = nvml_wrapper::Nvml::init()
-        .map_err(|e| format!("cannot initialise NVML (libnvidia-ml.so.1): {e}"))?;
-    let n = nvml
-        .device_count()
-        .map_err(|e| format!("NVML cannot count devices: {e}"))?;
+    let nvml =
+        nvml_wrapper::Nvml::init().map_err(|e| format!("cannot initialise NVML (libnvidia-ml.so.1): {e}"))?;
+    let n = nvml.device_count().map_err(|e| format!("NVML cannot count devices: {e}"))?;
     let mut physical = Vec::with_capacity(n as usize);
     for i in 0..n {
-        let dev = nvml
-            .device_by_index(i)
-            .map_err(|e| format!("NVML cannot open device {i}: {e}"))?;
+        let dev = nvml.device_by_index(i).map_err(|e| format!("NVML cannot open device {i}: {e}"))?;
         let uuid = dev.uuid().unwrap_or_default();
-        let total = dev
-            .memory_info()
-            .map_err(|e| format!("NVML cannot read the memory of device {i}: {e}"))?
-            .total;
+        let total =
+            dev.memory_info().map_err(|e| format!("NVML cannot read the memory of device {i}: {e}"))?.total;
         physical.push((uuid, total));
     }
     let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
@@ -329,8 +296,7 @@ fn map_cuda_totals(
                     uncertain |= !pci_order;
                     (i < physical.len()).then_some(i)
                 } else if entry.starts_with("GPU-") {
-                    let mut matches =
-                        (0..physical.len()).filter(|&i| physical[i].0.starts_with(entry));
+                    let mut matches = (0..physical.len()).filter(|&i| physical[i].0.starts_with(entry));
                     match (matches.next(), matches.next()) {
                         (Some(i), None) => Some(i),
                         _ => None, // unknown or ambiguous prefix
@@ -346,10 +312,7 @@ fn map_cuda_totals(
         }
     }
     if exact.len() < count {
-        return Err(format!(
-            "CUDA reports {count} device(s) but NVML finds {} matching ones",
-            exact.len()
-        ));
+        return Err(format!("CUDA reports {count} device(s) but NVML finds {} matching ones", exact.len()));
     }
     if uncertain {
         // CUDA's ordinals may name other devices than NVML's indices: use a
@@ -406,8 +369,7 @@ fn cgroup_remaining(proc_self_cgroup: &str, root: &Path) -> Option<u64> {
     let mut best: Option<u64> = None;
     for line in proc_self_cgroup.lines() {
         let mut parts = line.splitn(3, ':');
-        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
             continue;
         };
         let rel = path.trim_start_matches('/');
@@ -424,11 +386,7 @@ fn cgroup_remaining(proc_self_cgroup: &str, root: &Path) -> Option<u64> {
             continue;
         };
         for dir in cgroup_dirs(&mount, rel) {
-            let remaining = if v2 {
-                cgroup_v2_remaining(&dir)
-            } else {
-                cgroup_v1_remaining(&dir)
-            };
+            let remaining = if v2 { cgroup_v2_remaining(&dir) } else { cgroup_v1_remaining(&dir) };
             if let Some(r) = remaining {
                 best = Some(best.map_or(r, |b| b.min(r)));
             }
@@ -486,9 +444,8 @@ fn cgroup_v2_remaining(dir: &Path) -> Option<u64> {
 fn cgroup_v1_remaining(dir: &Path) -> Option<u64> {
     let limit = read_u64(&dir.join("memory.limit_in_bytes"))?;
     let usage = read_u64(&dir.join("memory.usage_in_bytes"))?;
-    let inactive = stat_value(dir, "total_inactive_file")
-        .or_else(|| stat_value(dir, "inactive_file"))
-        .unwrap_or(0);
+    let inactive =
+        stat_value(dir, "total_inactive_file").or_else(|| stat_value(dir, "inactive_file")).unwrap_or(0);
     remaining(limit, usage, inactive)
 }
 
@@ -531,11 +488,7 @@ mod tests {
 
     fn reason(v: &str, total: Option<u64>) -> String {
         match parse_budget("TEST_VAR", v, total) {
-            Err(Error::InvalidBudget {
-                name,
-                value,
-                reason,
-            }) => {
+            Err(Error::InvalidBudget { name, value, reason }) => {
                 assert_eq!(name, "TEST_VAR");
                 assert_eq!(value, v);
                 reason
@@ -650,20 +603,11 @@ mod tests {
         use std::env::VarError;
         let var = "SIRE_TEST_BUDGET";
         let set = |v: &str| Ok(v.to_string());
-        assert_eq!(
-            budget_from_var(var, Err(VarError::NotPresent), None).unwrap(),
-            None
-        );
+        assert_eq!(budget_from_var(var, Err(VarError::NotPresent), None).unwrap(), None);
         assert_eq!(budget_from_var(var, set(""), None).unwrap(), None);
         assert_eq!(budget_from_var(var, set("  "), None).unwrap(), None);
-        assert_eq!(
-            budget_from_var(var, set("6GiB"), None).unwrap(),
-            Some(6 * GIB)
-        );
-        assert_eq!(
-            budget_from_var(var, set("0.5"), Some(1000)).unwrap(),
-            Some(500)
-        );
+        assert_eq!(budget_from_var(var, set("6GiB"), None).unwrap(), Some(6 * GIB));
+        assert_eq!(budget_from_var(var, set("0.5"), Some(1000)).unwrap(), Some(500));
         match budget_from_var(var, set("0.5"), None) {
             Err(Error::InvalidBudget { name, .. }) => assert_eq!(name, var),
             other => panic!("{other:?}"),
@@ -679,10 +623,7 @@ mod tests {
         }
         // The real environment, read only (setting variables while libtorch's
         // threads may call getenv is not sound).
-        assert_eq!(
-            budget_from_env("SIRE_TEST_BUDGET_SURELY_UNSET_5f1c", None).unwrap(),
-            None
-        );
+        assert_eq!(budget_from_env("SIRE_TEST_BUDGET_SURELY_UNSET_5f1c", None).unwrap(), None);
     }
 
     #[test]
@@ -707,11 +648,7 @@ mod tests {
     #[test]
     fn cuda_ordinals_map_to_nvml_devices() {
         let phys = |totals: &[u64]| -> Vec<(String, u64)> {
-            totals
-                .iter()
-                .enumerate()
-                .map(|(i, &t)| (format!("GPU-{i}{i}{i}-uuid"), t))
-                .collect()
+            totals.iter().enumerate().map(|(i, &t)| (format!("GPU-{i}{i}{i}-uuid"), t)).collect()
         };
         let same = phys(&[80, 80, 80]);
         let mixed = phys(&[80, 24, 48]);
@@ -721,38 +658,19 @@ mod tests {
         assert_eq!(map_cuda_totals(3, &mixed, None, None).unwrap(), vec![24; 3]);
         assert_eq!(map_cuda_totals(2, &mixed, None, None).unwrap(), vec![24; 2]);
         // PCI order: exact.
-        assert_eq!(
-            map_cuda_totals(3, &mixed, None, Some("PCI_BUS_ID")).unwrap(),
-            vec![80, 24, 48]
-        );
-        assert_eq!(
-            map_cuda_totals(2, &mixed, Some("2,0"), Some("PCI_BUS_ID")).unwrap(),
-            vec![48, 80]
-        );
+        assert_eq!(map_cuda_totals(3, &mixed, None, Some("PCI_BUS_ID")).unwrap(), vec![80, 24, 48]);
+        assert_eq!(map_cuda_totals(2, &mixed, Some("2,0"), Some("PCI_BUS_ID")).unwrap(), vec![48, 80]);
         // Integer indices in CUDA's default order may name any device.
-        assert_eq!(
-            map_cuda_totals(2, &mixed, Some("0,2"), None).unwrap(),
-            vec![24, 24]
-        );
+        assert_eq!(map_cuda_totals(2, &mixed, Some("0,2"), None).unwrap(), vec![24, 24]);
         // UUIDs (prefixes too) are exact whatever the order.
-        assert_eq!(
-            map_cuda_totals(2, &mixed, Some("GPU-222,GPU-111-uuid"), None).unwrap(),
-            vec![48, 24]
-        );
+        assert_eq!(map_cuda_totals(2, &mixed, Some("GPU-222,GPU-111-uuid"), None).unwrap(), vec![48, 24]);
         // CUDA stops at the first bad entry.
         assert!(map_cuda_totals(2, &mixed, Some("1,7,0"), None).is_err());
-        assert_eq!(
-            map_cuda_totals(1, &mixed, Some("1,7,0"), Some("PCI_BUS_ID")).unwrap(),
-            vec![24]
-        );
+        assert_eq!(map_cuda_totals(1, &mixed, Some("1,7,0"), Some("PCI_BUS_ID")).unwrap(), vec![24]);
         assert!(map_cuda_totals(1, &mixed, Some(""), None).is_err());
         assert!(map_cuda_totals(1, &mixed, Some("-1"), None).is_err());
-        assert!(map_cuda_totals(1, &mixed, Some("MIG-abc"), None)
-            .unwrap_err()
-            .contains("MIG"));
-        assert!(map_cuda_totals(4, &mixed, None, None)
-            .unwrap_err()
-            .contains("4 device"));
+        assert!(map_cuda_totals(1, &mixed, Some("MIG-abc"), None).unwrap_err().contains("MIG"));
+        assert!(map_cuda_totals(4, &mixed, None, None).unwrap_err().contains("4 device"));
         // Ambiguous UUID prefix: not a device.
         let twins = vec![("GPU-aa1".to_string(), 1), ("GPU-aa2".to_string(), 2)];
         assert!(map_cuda_totals(1, &twins, Some("GPU-aa"), None).is_err());
@@ -768,17 +686,11 @@ mod tests {
         let count = tch::Cuda::device_count() as usize;
         match nvml_totals(count.max(1)) {
             Ok(t) => {
-                assert!(
-                    t.len() == count.max(1) && t.iter().all(|&b| b > GIB),
-                    "{t:?}"
-                )
+                assert!(t.len() == count.max(1) && t.iter().all(|&b| b > GIB), "{t:?}")
             }
             // No driver on this machine: a clear message, not a panic.
             Err(msg) => {
-                assert_eq!(
-                    count, 0,
-                    "CUDA sees {count} device(s) but NVML failed: {msg}"
-                );
+                assert_eq!(count, 0, "CUDA sees {count} device(s) but NVML failed: {msg}");
                 assert!(!msg.is_empty());
             }
         }
@@ -834,39 +746,21 @@ mod tests {
         let unlimited = "9223372036854771712\n";
         let mem = r.join("memory");
         write(&mem.join("memory.limit_in_bytes"), unlimited);
-        write(
-            &mem.join("memory.usage_in_bytes"),
-            &format!("{}\n", 20 * GIB),
-        );
+        write(&mem.join("memory.usage_in_bytes"), &format!("{}\n", 20 * GIB));
         let leaf = mem.join("process_api/abc");
-        write(
-            &leaf.join("memory.limit_in_bytes"),
-            &format!("{}\n", 16 * GIB),
-        );
-        write(
-            &leaf.join("memory.usage_in_bytes"),
-            &format!("{}\n", 10 * GIB),
-        );
+        write(&leaf.join("memory.limit_in_bytes"), &format!("{}\n", 16 * GIB));
+        write(&leaf.join("memory.usage_in_bytes"), &format!("{}\n", 10 * GIB));
         write(
             &leaf.join("memory.stat"),
-            &format!(
-                "cache 1\ninactive_file 5\ntotal_inactive_file {}\n",
-                2 * GIB
-            ),
+            &format!("cache 1\ninactive_file 5\ntotal_inactive_file {}\n", 2 * GIB),
         );
         let procfile = "9:name=systemd:/\n4:memory:/process_api/abc\n1:cpu,cpuacct:/\n0::/\n";
         assert_eq!(cgroup_remaining(procfile, r), Some(8 * GIB));
         write(&leaf.join("memory.limit_in_bytes"), unlimited);
         assert_eq!(cgroup_remaining(procfile, r), None);
         // Controller lists with memory among others.
-        write(
-            &leaf.join("memory.limit_in_bytes"),
-            &format!("{}\n", 11 * GIB),
-        );
-        assert_eq!(
-            cgroup_remaining("5:cpuset,memory:/process_api/abc\n", r),
-            Some(3 * GIB)
-        );
+        write(&leaf.join("memory.limit_in_bytes"), &format!("{}\n", 11 * GIB));
+        assert_eq!(cgroup_remaining("5:cpuset,memory:/process_api/abc\n", r), Some(3 * GIB));
         // No memory controller at all.
         assert_eq!(cgroup_remaining("1:cpu:/\n", r), None);
         assert_eq!(cgroup_remaining("", r), None);
@@ -879,11 +773,7 @@ mod tests {
         sys.refresh_memory();
         let avail = host_available();
         assert!(avail > 0);
-        assert!(
-            avail <= sys.total_memory(),
-            "{avail} > {}",
-            sys.total_memory()
-        );
+        assert!(avail <= sys.total_memory(), "{avail} > {}", sys.total_memory());
         assert!(default_cpu_budget(avail) < avail);
     }
 

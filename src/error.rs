@@ -56,7 +56,9 @@ pub enum Error {
     },
 
     /// A budget string (argument or environment variable) could not be parsed.
-    #[error("invalid budget {value:?} for {name}: {reason} (expected e.g. `6GiB`, `6000MB`, `0.8` or `80%`)")]
+    #[error(
+        "invalid budget {value:?} for {name}: {reason} (expected e.g. `6GiB`, `6000MB`, `0.8` or `80%`)"
+    )]
     InvalidBudget {
         /// Where the value came from (an environment variable or builder method).
         name: String,

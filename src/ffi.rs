@@ -9,10 +9,7 @@ use std::sync::Mutex;
 
 fn c_path(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes()).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("path {path:?} contains a NUL byte"),
-        )
+        io::Error::new(io::ErrorKind::InvalidInput, format!("path {path:?} contains a NUL byte"))
     })
 }
 
@@ -83,18 +80,13 @@ fn is_lib(path: &Path, lib_name: &str) -> bool {
     let Some(file) = path.file_name().and_then(|f| f.to_str()) else {
         return false;
     };
-    file == lib_name
-        || file
-            .strip_prefix(lib_name)
-            .is_some_and(|rest| rest.starts_with('.'))
+    file == lib_name || file.strip_prefix(lib_name).is_some_and(|rest| rest.starts_with('.'))
 }
 
 /// Whether a library with this file name (e.g. `libtorch_cuda.so`) is mapped
 /// into the process.
 pub(crate) fn is_mapped(lib_name: &str) -> bool {
-    mapped_paths()
-        .map(|ps| ps.iter().any(|p| is_lib(p, lib_name)))
-        .unwrap_or(false)
+    mapped_paths().map(|ps| ps.iter().any(|p| is_lib(p, lib_name))).unwrap_or(false)
 }
 
 /// Makes sure `libtorch_cuda.so` is loaded, so that libtorch registers its
@@ -208,20 +200,14 @@ mod tests {
             maps_path("7f1c0000-7f1c1000 r--p 00000000 08:01 1234   /a dir/lib x.so (deleted)"),
             Some("/a dir/lib x.so")
         );
-        assert_eq!(
-            maps_path("7ffd0000-7ffd1000 rw-p 00000000 00:00 0      [stack]"),
-            None
-        );
+        assert_eq!(maps_path("7ffd0000-7ffd1000 rw-p 00000000 00:00 0      [stack]"), None);
         assert_eq!(maps_path("7ffd0000-7ffd1000 rw-p 00000000 00:00 0"), None);
         assert_eq!(maps_path(""), None);
         assert!(is_lib(Path::new("/x/libtorch_cuda.so"), "libtorch_cuda.so"));
         assert!(is_lib(Path::new("/x/libc10.so.2"), "libc10.so"));
         assert!(!is_lib(Path::new("/x/libc10_cuda.so"), "libc10.so"));
         assert!(!is_lib(Path::new("/x/libtorch_cuda.so"), "libtorch_cpu.so"));
-        assert!(!is_lib(
-            Path::new("/x/libtorch_cuda.sox"),
-            "libtorch_cuda.so"
-        ));
+        assert!(!is_lib(Path::new("/x/libtorch_cuda.sox"), "libtorch_cuda.so"));
     }
 
     #[test]
@@ -234,10 +220,7 @@ mod tests {
     fn loads_libtorch_cuda() {
         // Other tests in this process may have loaded it already.
         let first = ensure_libtorch_cuda_loaded();
-        assert!(
-            matches!(first, LoadOutcome::Loaded(_) | LoadOutcome::AlreadyLoaded),
-            "{first:?}"
-        );
+        assert!(matches!(first, LoadOutcome::Loaded(_) | LoadOutcome::AlreadyLoaded), "{first:?}");
         assert!(is_mapped("libtorch_cuda.so"));
         assert_eq!(ensure_libtorch_cuda_loaded(), LoadOutcome::AlreadyLoaded);
     }
@@ -250,20 +233,12 @@ mod tests {
     #[test]
     fn loads_libtorch_cuda_in_a_fresh_process() {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "ffi::tests::fresh_process_probe",
-                "--test-threads=1",
-                "--nocapture",
-            ])
+            .args(["--exact", "ffi::tests::fresh_process_probe", "--test-threads=1", "--nocapture"])
             .env(PROBE, "1")
             .output()
             .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "{text}");
         assert!(text.contains("probe ok: loaded "), "{text}");
         assert!(text.contains("1 passed"), "{text}");
@@ -298,10 +273,7 @@ mod tests {
             tch::Cuda::device_count()
         );
         #[cfg(feature = "cuda-tests")]
-        assert!(
-            available,
-            "libtorch_cuda.so was loaded but libtorch did not register CUDA"
-        );
+        assert!(available, "libtorch_cuda.so was loaded but libtorch did not register CUDA");
         println!("probe ok: loaded {}", path.display());
     }
 

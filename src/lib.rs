@@ -16,7 +16,10 @@ mod user;
 
 pub use error::{Error, Result};
 pub use location::Location;
-pub use managed::{auto_manage, auto_manage_owned, auto_manage_timeout, manage, manage_with, try_auto_manage, Guard, Managed, OwnedGuard};
+pub use managed::{
+    auto_manage, auto_manage_owned, auto_manage_timeout, manage, manage_with, try_auto_manage, Guard,
+    Managed, OwnedGuard,
+};
 pub use options::{ManageOptions, OffloadPolicy};
 pub use runtime::{setup_default_pools, stats, Builder, ResourcePoolManagement};
 pub use stats::{PoolStats, Resident, Stats};

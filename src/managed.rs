@@ -179,7 +179,10 @@ impl<T> Drop for Guard<'_, T> {
 
 impl<T> fmt::Debug for Guard<'_, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Guard").field("model", &self.shared.core.name).field("device", &self.device()).finish()
+        f.debug_struct("Guard")
+            .field("model", &self.shared.core.name)
+            .field("device", &self.device())
+            .finish()
     }
 }
 
@@ -211,6 +214,9 @@ impl<T> Drop for OwnedGuard<T> {
 
 impl<T> fmt::Debug for OwnedGuard<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OwnedGuard").field("model", &self.shared.core.name).field("device", &self.device()).finish()
+        f.debug_struct("OwnedGuard")
+            .field("model", &self.shared.core.name)
+            .field("device", &self.device())
+            .finish()
     }
 }

@@ -15,10 +15,11 @@
 //! guard can start without going through the lock.
 //!
 //! Threads in the slow path count themselves in `waiters` *before* they look
-//! for room; a guard that drops the last use of a model checks `waiters` after
-//! its decrement and, if anyone is there, notifies under the lock. That ordering
-//! (both `SeqCst`) means a waiter cannot miss the release it is waiting for.
-//! `tests/loom.rs` models this protocol.
+//! for room, and read each model's use count with a read-modify-write; a guard
+//! that drops the last use of a model checks `waiters` after its decrement and,
+//! if anyone is there, notifies under the lock. The release's decrement reads
+//! from the waiter's read-modify-write, so the waiter's increment is visible to
+//! it: a waiter cannot miss the release it waits for. `loom/` model-checks this.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -89,6 +90,14 @@ impl ModelCore {
 
     pub(crate) fn uses(&self) -> u64 {
         self.state.load(SeqCst) & USES
+    }
+
+    /// The use count, read by a thread that may wait for this model's release.
+    /// A read-modify-write, not a load: a later `release` then reads from it, so
+    /// the reader's earlier `waiters` increment is visible to that release
+    /// (no lost wake-up even under acquire/release alone; see `loom/`).
+    fn uses_for_waiter(&self) -> u64 {
+        self.state.fetch_add(0, SeqCst) & USES
     }
 
     fn is_ready(&self) -> bool {
@@ -307,24 +316,27 @@ impl Inner {
                     .iter()
                     .max_by_key(|p| (p.budget - p.used, std::cmp::Reverse(p.location)))
                     .map_or(Location::Cpu, |p| p.location),
-                Some(Location::Disk) => return Err(invalid("the runtime location cannot be the disk".into())),
+                Some(Location::Disk) => {
+                    return Err(invalid("the runtime location cannot be the disk".into()))
+                }
                 Some(loc @ Location::Cuda(_)) if st.pool_ref(loc).is_none() => {
                     return Err(Error::UnknownDevice { location: loc, available: cudas.len() })
                 }
                 Some(loc) => loc,
             };
-            let offload = opts.offload.unwrap_or(if runtime == Location::Cpu {
-                Location::Disk
-            } else {
-                Location::Cpu
-            });
+            let offload =
+                opts.offload.unwrap_or(if runtime == Location::Cpu { Location::Disk } else { Location::Cpu });
             match offload {
-                Location::Cuda(_) => return Err(invalid("the offload location must be the CPU or the disk".into())),
+                Location::Cuda(_) => {
+                    return Err(invalid("the offload location must be the CPU or the disk".into()))
+                }
                 Location::Cpu if runtime == Location::Cpu => {
                     return Err(invalid("a model running on the CPU must offload to the disk".into()))
                 }
                 Location::Disk if st.pool_ref(Location::Disk).is_none() => {
-                    return Err(invalid("offload to disk needs a spill directory (none is configured)".into()))
+                    return Err(invalid(
+                        "offload to disk needs a spill directory (none is configured)".into(),
+                    ))
                 }
                 _ => {}
             }
@@ -332,7 +344,8 @@ impl Inner {
         };
         // Weights start in host memory: that copy is the model's home.
         if inv.device != Device::Cpu {
-            let _ = Location::from_device(inv.device).ok_or_else(|| invalid(format!("unsupported device {:?}", inv.device)))?;
+            let _ = Location::from_device(inv.device)
+                .ok_or_else(|| invalid(format!("unsupported device {:?}", inv.device)))?;
             for g in &mut inv.groups {
                 let host = g.current().to_device(Device::Cpu);
                 g.set_data(&host);
@@ -380,7 +393,10 @@ impl Inner {
             match self.room(&st, Location::Cpu, need, core.id) {
                 Room::Free => {
                     st.add(Location::Cpu, need);
-                    st.models.insert(core.id, Entry { core: core.clone(), dev: false, host: true, disk, moving: false });
+                    st.models.insert(
+                        core.id,
+                        Entry { core: core.clone(), dev: false, host: true, disk, moving: false },
+                    );
                     if core.runtime == Location::Cpu {
                         core.state.store(READY, SeqCst);
                     }
@@ -407,7 +423,10 @@ impl Inner {
             });
         }
         // Not counted in the host pool: it leaves host memory as soon as it is written.
-        st.models.insert(core.id, Entry { core: core.clone(), dev: false, host: false, disk: Some(write), moving: true });
+        st.models.insert(
+            core.id,
+            Entry { core: core.clone(), dev: false, host: false, disk: Some(write), moving: true },
+        );
         st.add(Location::Disk, write);
         // The host bytes are outside the pool until the write completes, then gone.
         let job = Eviction { core: core.clone(), drop_dev: false, spill: true, write, cause: "admit" };
@@ -506,7 +525,12 @@ impl Inner {
                     Room::Wait => self.wait(st, wait, core, loc, n)?,
                     Room::TooLarge => {
                         let budget = st.pool_ref(loc).expect("pool").budget;
-                        return Err(Error::TooLarge { model: core.name.clone(), location: loc, requested: n, budget });
+                        return Err(Error::TooLarge {
+                            model: core.name.clone(),
+                            location: loc,
+                            requested: n,
+                            budget,
+                        });
                     }
                     Room::Full => return Err(self.oom(st, core, loc, n, None)),
                 }
@@ -568,7 +592,14 @@ impl Inner {
     }
 
     /// Waits for a change (a release, a finished move) or fails at the deadline.
-    fn wait(&self, st: &mut MutexGuard<'_, State>, wait: Wait, core: &ModelCore, loc: Location, n: u64) -> Result<()> {
+    fn wait(
+        &self,
+        st: &mut MutexGuard<'_, State>,
+        wait: Wait,
+        core: &ModelCore,
+        loc: Location,
+        n: u64,
+    ) -> Result<()> {
         match wait {
             Wait::No => Err(self.oom(st, core, loc, n, None)),
             Wait::Until(deadline, total) => {
@@ -607,7 +638,8 @@ impl Inner {
     pub(crate) fn offload_now(&self, core: &ModelCore) -> Result<()> {
         let mut st = self.state.lock();
         loop {
-            let e = st.models.get(&core.id).ok_or_else(|| Error::ForeignModel { model: core.name.clone() })?;
+            let e =
+                st.models.get(&core.id).ok_or_else(|| Error::ForeignModel { model: core.name.clone() })?;
             if e.moving {
                 self.cond.wait(&mut st);
                 continue;
@@ -615,7 +647,13 @@ impl Inner {
             if core.uses() > 0 {
                 return Err(Error::InUse { model: core.name.clone(), guards: core.uses() });
             }
-            let from = if e.runtime_resident() { core.runtime } else if e.host && core.offload == Location::Disk { Location::Cpu } else { return Ok(()) };
+            let from = if e.runtime_resident() {
+                core.runtime
+            } else if e.host && core.offload == Location::Disk {
+                Location::Cpu
+            } else {
+                return Ok(());
+            };
             let jobs = self.claim_all(&mut st, &[core.id], from);
             if jobs.is_empty() {
                 continue; // a guard slipped in, or there is no room on disk
@@ -629,7 +667,7 @@ impl Inner {
     /// Whether `e` could leave `loc` now, and the disk bytes that would take.
     fn evictable(&self, e: &Entry, loc: Location) -> Option<u64> {
         let c = &e.core;
-        if e.moving || c.uses() > 0 {
+        if e.moving || c.uses_for_waiter() > 0 {
             return None;
         }
         match loc {
@@ -654,7 +692,9 @@ impl Inner {
             .models
             .values()
             .filter(|e| e.core.id != exclude)
-            .filter_map(|e| self.evictable(e, loc).map(|w| (e.core.last_used.load(Relaxed), e.core.id, e.charge(loc), w)))
+            .filter_map(|e| {
+                self.evictable(e, loc).map(|w| (e.core.last_used.load(Relaxed), e.core.id, e.charge(loc), w))
+            })
             .collect();
         cands.sort_unstable();
         let mut victims = Vec::new();
@@ -677,7 +717,7 @@ impl Inner {
         let busy: u64 = st
             .models
             .values()
-            .filter(|e| e.core.id != exclude && (e.moving || e.core.uses() > 0))
+            .filter(|e| e.core.id != exclude && (e.moving || e.core.uses_for_waiter() > 0))
             .map(|e| e.charge(loc))
             .sum();
         if have + busy >= need {
@@ -717,12 +757,22 @@ impl Inner {
                 e.disk = Some(write);
                 st.add(Location::Disk, write);
             }
-            jobs.push(Eviction { core: c, drop_dev, spill, write, cause: if from_runtime { "evict" } else { "spill" } });
+            jobs.push(Eviction {
+                core: c,
+                drop_dev,
+                spill,
+                write,
+                cause: if from_runtime { "evict" } else { "spill" },
+            });
         }
         jobs
     }
 
-    fn run_evictions<'a>(&'a self, mut st: MutexGuard<'a, State>, jobs: Vec<Eviction>) -> Result<MutexGuard<'a, State>> {
+    fn run_evictions<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        jobs: Vec<Eviction>,
+    ) -> Result<MutexGuard<'a, State>> {
         self.run_evictions_in(&mut st, jobs)?;
         Ok(st)
     }
@@ -732,7 +782,8 @@ impl Inner {
         if jobs.is_empty() {
             return Ok(());
         }
-        let results: Vec<Result<()>> = MutexGuard::unlocked(st, || jobs.iter().map(|j| self.evict_bytes(j)).collect());
+        let results: Vec<Result<()>> =
+            MutexGuard::unlocked(st, || jobs.iter().map(|j| self.evict_bytes(j)).collect());
         let mut first_err = None;
         for (job, res) in jobs.iter().zip(results) {
             let c = &job.core;
@@ -805,13 +856,16 @@ impl Inner {
             let span = tracing::debug_span!("sire.spill", model = %c.name, bytes = c.bytes, from = "cpu", to = "disk", cause = job.cause);
             let _g = span.enter();
             let d = &mut *data;
-            if job.write > 0 || d.groups.iter().zip(&d.disk_versions).any(|(g, v)| g.current().internal_version() != *v) {
+            if job.write > 0
+                || d.groups.iter().zip(&d.disk_versions).any(|(g, v)| g.current().internal_version() != *v)
+            {
                 let path = d.spill_path.clone().ok_or_else(|| Error::InvalidOptions {
                     model: c.name.clone(),
                     reason: "no spill directory".into(),
                 })?;
                 self.failpoint(FailAt::Spill)?;
-                let named: Vec<(String, Tensor)> = d.groups.iter().map(|g| (g.key.clone(), g.current().shallow_clone())).collect();
+                let named: Vec<(String, Tensor)> =
+                    d.groups.iter().map(|g| (g.key.clone(), g.current().shallow_clone())).collect();
                 spill::write(&path, &named)?;
                 d.source = None; // the spill file is now the reference copy
                 self.counters.bytes_to_disk.fetch_add(c.bytes, Relaxed);

@@ -222,13 +222,15 @@ impl Builder {
         pools.push((Location::Cpu, cpu));
         let mut spill = None;
         if self.disk {
-            let root = match (&self.spill_dir, self.env.then(|| std::env::var_os("SIRE_SPILL_DIR")).flatten()) {
+            let root = match (&self.spill_dir, self.env.then(|| std::env::var_os("SIRE_SPILL_DIR")).flatten())
+            {
                 (Some(d), _) => d.clone(),
                 (None, Some(d)) if !d.is_empty() => PathBuf::from(d),
                 _ => std::env::temp_dir().join("sire"),
             };
             let dir = make_spill_dir(&root)?;
-            let free = budget::disk_free(&dir).map_err(|e| Error::SpillDir { path: dir.clone(), source: e })?;
+            let free =
+                budget::disk_free(&dir).map_err(|e| Error::SpillDir { path: dir.clone(), source: e })?;
             let disk = match (self.disk_budget, self.env_budget("SIRE_DISK_BUDGET", Some(free))?) {
                 (Some(b), _) | (None, Some(b)) => b,
                 (None, None) => budget::default_disk_budget(free),

@@ -106,10 +106,7 @@ pub(crate) fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<u64> {
     let mut out = BufWriter::with_capacity(WRITE_BUFFER, &tmp.file);
     out.write_all(&(placeholder.len() as u64).to_le_bytes())?;
     out.write_all(&placeholder)?;
-    let checksums = slots
-        .iter()
-        .map(|slot| write_data(&mut out, slot.tensor))
-        .collect::<Result<Vec<_>>>()?;
+    let checksums = slots.iter().map(|slot| write_data(&mut out, slot.tensor)).collect::<Result<Vec<_>>>()?;
     out.flush()?;
     drop(out);
 
@@ -133,16 +130,11 @@ pub(crate) fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<u64> {
 /// the tensor and released again, so the process holds the tensors plus one
 /// window, never the file's pages and the tensors both.
 pub(crate) fn read(path: &Path, names: &[String], require_checksum: bool) -> Result<Vec<Tensor>> {
-    let corrupt = |detail: String| Error::Corrupt {
-        path: path.to_owned(),
-        detail,
-    };
+    let corrupt = |detail: String| Error::Corrupt { path: path.to_owned(), detail };
     let file = File::open(path)?;
     let len = file.metadata()?.len();
     if len < PREFIX_LEN as u64 {
-        return Err(corrupt(format!(
-            "the file is {len} bytes long, too short for a safetensors header"
-        )));
+        return Err(corrupt(format!("the file is {len} bytes long, too short for a safetensors header")));
     }
     // SAFETY: the mapping is read-only and only read through slices that do
     // not outlive it. Spill files are only ever replaced by renaming a new
@@ -165,12 +157,10 @@ pub(crate) fn read(path: &Path, names: &[String], require_checksum: bool) -> Res
         .iter()
         .enumerate()
         .map(|(slot, name)| {
-            let info = metadata
-                .info(name)
-                .ok_or_else(|| corrupt(format!("no tensor `{name}` in the file")))?;
-            let kind = dtype_to_kind(info.dtype).ok_or_else(|| {
-                corrupt(format!("tensor `{name}` has unsupported dtype {}", info.dtype))
-            })?;
+            let info =
+                metadata.info(name).ok_or_else(|| corrupt(format!("no tensor `{name}` in the file")))?;
+            let kind = dtype_to_kind(info.dtype)
+                .ok_or_else(|| corrupt(format!("tensor `{name}` has unsupported dtype {}", info.dtype)))?;
             let shape = info
                 .shape
                 .iter()
@@ -179,23 +169,15 @@ pub(crate) fn read(path: &Path, names: &[String], require_checksum: bool) -> Res
                 .map_err(|_| corrupt(format!("tensor `{name}` has an impossible shape")))?;
             let key = format!("{CHECKSUM_PREFIX}{name}");
             let checksum = match extra.and_then(|m| m.get(&key)) {
-                Some(hex) => Some(parse_checksum(hex).ok_or_else(|| {
-                    corrupt(format!("malformed checksum {hex:?} for tensor `{name}`"))
-                })?),
-                None if require_checksum => {
-                    return Err(corrupt(format!("no checksum for tensor `{name}`")))
-                }
+                Some(hex) => Some(
+                    parse_checksum(hex)
+                        .ok_or_else(|| corrupt(format!("malformed checksum {hex:?} for tensor `{name}`")))?,
+                ),
+                None if require_checksum => return Err(corrupt(format!("no checksum for tensor `{name}`"))),
                 None => None,
             };
             let (start, end) = info.data_offsets;
-            Ok(Job {
-                slot,
-                name,
-                kind,
-                shape,
-                range: data_start + start..data_start + end,
-                checksum,
-            })
+            Ok(Job { slot, name, kind, shape, range: data_start + start..data_start + end, checksum })
         })
         .collect::<Result<Vec<_>>>()?;
     // Copy in file order, so that the file is read front to back.
@@ -203,11 +185,7 @@ pub(crate) fn read(path: &Path, names: &[String], require_checksum: bool) -> Res
 
     // A hint only: it makes a cold file's read-ahead aggressive.
     let _ = map.advise(Advice::Sequential);
-    let mut copier = Copier {
-        map: &map,
-        page: page_size(),
-        populate: true,
-    };
+    let mut copier = Copier { map: &map, page: page_size(), populate: true };
     let mut out: Vec<Option<Tensor>> = names.iter().map(|_| None).collect();
     for job in jobs {
         let tensor = Tensor::f_empty(job.shape.as_slice(), (job.kind, Device::Cpu))?;
@@ -226,10 +204,7 @@ pub(crate) fn read(path: &Path, names: &[String], require_checksum: bool) -> Res
         }
         out[job.slot] = Some(tensor);
     }
-    Ok(out
-        .into_iter()
-        .map(|t| t.expect("every requested tensor was read"))
-        .collect())
+    Ok(out.into_iter().map(|t| t.expect("every requested tensor was read")).collect())
 }
 
 /// A tensor to be written: where it goes in the file, and its data.
@@ -263,11 +238,7 @@ fn layout(tensors: &[(String, Tensor)]) -> Result<(Vec<Slot<'_>>, usize)> {
         slots.push(Slot {
             name,
             tensor,
-            info: TensorInfo {
-                dtype,
-                shape,
-                data_offsets: (0, byte_len(tensor)),
-            },
+            info: TensorInfo { dtype, shape, data_offsets: (0, byte_len(tensor)) },
         });
     }
     // Largest elements first (stable, so ties keep the caller's order): every
@@ -291,10 +262,7 @@ fn header(slots: &[Slot<'_>], checksums: &[u64]) -> Result<Vec<u8>> {
         .map(|(slot, sum)| (format!("{CHECKSUM_PREFIX}{}", slot.name), format!("{sum:016x}")))
         .collect();
     extra.insert(FORMAT_KEY.into(), FORMAT_VERSION.into());
-    let infos = slots
-        .iter()
-        .map(|slot| (slot.name.to_owned(), slot.info.clone()))
-        .collect();
+    let infos = slots.iter().map(|slot| (slot.name.to_owned(), slot.info.clone())).collect();
     let metadata = Metadata::new(Some(extra), infos).map_err(io::Error::other)?;
     let mut bytes = serde_json::to_vec(&metadata).map_err(io::Error::other)?;
     bytes.resize(bytes.len().next_multiple_of(PREFIX_LEN), b' ');
@@ -353,7 +321,12 @@ impl Copier<'_> {
     /// Copies the bytes in `range` of the file into `tensor` (freshly
     /// allocated, contiguous, exactly `range.len()` bytes), feeding them to
     /// `hasher`, and releases the file's pages behind it.
-    fn copy(&mut self, range: Range<usize>, tensor: &Tensor, mut hasher: Option<&mut Xxh3>) -> io::Result<()> {
+    fn copy(
+        &mut self,
+        range: Range<usize>,
+        tensor: &Tensor,
+        mut hasher: Option<&mut Xxh3>,
+    ) -> io::Result<()> {
         debug_assert_eq!(byte_len(tensor), range.len());
         if range.is_empty() {
             return Ok(());
@@ -413,10 +386,7 @@ impl Copier<'_> {
         // SAFETY: `map` is a shared, read-only mapping of a file: dropping its
         // pages only makes a later access fault them back in with the same
         // contents, so no reference into the mapping sees a change.
-        let _ = unsafe {
-            self.map
-                .unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start)
-        };
+        let _ = unsafe { self.map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
     }
 }
 
@@ -453,11 +423,7 @@ impl TempFile {
         path.push(".tmp");
         let path = PathBuf::from(path);
         let file = File::create(&path)?;
-        Ok(Self {
-            path,
-            file,
-            committed: false,
-        })
+        Ok(Self { path, file, committed: false })
     }
 
     /// Renames the file over `target` and syncs the directory.
@@ -831,17 +797,29 @@ mod tests {
         let t = Tensor::from_data_size(st.tensor("big").unwrap().data(), &[(SIZE / 4) as i64], Kind::Int);
         drop(bytes);
         let after = resident();
-        eprintln!("naive: held +{} MiB, peak +{} MiB", (after - before) / MIB, (peak_resident() - before) / MIB);
+        eprintln!(
+            "naive: held +{} MiB, peak +{} MiB",
+            (after - before) / MIB,
+            (peak_resident() - before) / MIB
+        );
         drop(t);
         // mmap without release
         let before = resident();
         assert!(reset_peak_resident());
         let f = File::open(&path).unwrap();
         let map = unsafe { Mmap::map(&f) }.unwrap();
-        let t = Tensor::from_data_size(SafeTensors::deserialize(&map).unwrap().tensor("big").unwrap().data(), &[(SIZE / 4) as i64], Kind::Int);
+        let t = Tensor::from_data_size(
+            SafeTensors::deserialize(&map).unwrap().tensor("big").unwrap().data(),
+            &[(SIZE / 4) as i64],
+            Kind::Int,
+        );
         drop(map);
         let after = resident();
-        eprintln!("mmap: held +{} MiB, peak +{} MiB", (after - before) / MIB, (peak_resident() - before) / MIB);
+        eprintln!(
+            "mmap: held +{} MiB, peak +{} MiB",
+            (after - before) / MIB,
+            (peak_resident() - before) / MIB
+        );
         drop(t);
     }
 

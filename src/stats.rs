@@ -106,7 +106,11 @@ impl Counters {
 
 impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "{:<8} {:>12} {:>12} {:>6}  residents (most recent first)", "pool", "budget", "used", "use%")?;
+        writeln!(
+            f,
+            "{:<8} {:>12} {:>12} {:>6}  residents (most recent first)",
+            "pool", "budget", "used", "use%"
+        )?;
         for p in &self.pools {
             let pct = if p.budget == 0 { 0.0 } else { 100.0 * p.used as f64 / p.budget as f64 };
             let names: Vec<String> = p

@@ -72,8 +72,7 @@ pub struct TensorSet {
 impl TensorSet {
     /// A set from named tensors. Names must be unique.
     pub fn new<S: Into<String>>(tensors: impl IntoIterator<Item = (S, Tensor)>) -> Result<Self> {
-        let tensors: Vec<(String, Tensor)> =
-            tensors.into_iter().map(|(n, t)| (n.into(), t)).collect();
+        let tensors: Vec<(String, Tensor)> = tensors.into_iter().map(|(n, t)| (n.into(), t)).collect();
         let mut index = HashMap::with_capacity(tensors.len());
         for (i, (n, _)) in tensors.iter().enumerate() {
             if index.insert(n.clone(), i).is_some() {
@@ -195,13 +194,7 @@ pub(crate) fn inventory(model: &str, tensors: Vec<(String, Tensor)>) -> Result<I
             }
             by_alias.insert(key, groups.len());
         }
-        groups.push(Group {
-            key: name,
-            bytes,
-            kind: t.kind(),
-            shape: t.size(),
-            members: vec![t],
-        });
+        groups.push(Group { key: name, bytes, kind: t.kind(), shape: t.size(), members: vec![t] });
     }
     let device = one_device(model, &devices)?;
     let bytes = groups.iter().map(|g| g.bytes).sum();
@@ -243,7 +236,10 @@ mod tests {
         let err = one_device("m", &[cpu("a"), ("b".into(), Device::Cuda(1)), cpu("c")]).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, Error::MixedDevices { .. }), "{msg}");
-        assert!(msg.contains("`a` on Cpu") && msg.contains("`b` on Cuda(1)") && !msg.contains("`c`"), "{msg}");
+        assert!(
+            msg.contains("`a` on Cpu") && msg.contains("`b` on Cuda(1)") && !msg.contains("`c`"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -255,7 +251,13 @@ mod tests {
         assert_eq!(inv.groups.len(), 2);
         assert_eq!(inv.groups[0].members.len(), 2);
         assert_eq!(inv.bytes, 16 * 4 + 3 * 8);
-        let dup = inventory("m", vec![("w".into(), Tensor::ones([1], tch::kind::FLOAT_CPU)), ("w".into(), Tensor::ones([1], tch::kind::FLOAT_CPU))]);
+        let dup = inventory(
+            "m",
+            vec![
+                ("w".into(), Tensor::ones([1], tch::kind::FLOAT_CPU)),
+                ("w".into(), Tensor::ones([1], tch::kind::FLOAT_CPU)),
+            ],
+        );
         assert!(matches!(dup, Err(Error::InvalidOptions { .. })));
     }
 }

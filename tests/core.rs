@@ -8,7 +8,9 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use common::*;
-use sire::{auto_manage, auto_manage_timeout, try_auto_manage, Error, Location, ManageOptions, OffloadPolicy};
+use sire::{
+    auto_manage, auto_manage_timeout, try_auto_manage, Error, Location, ManageOptions, OffloadPolicy,
+};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
@@ -146,7 +148,16 @@ fn a_varstore_module_computes_the_same_after_evict_and_reload() {
 fn weights_are_bit_identical_after_many_cycles_through_disk() {
     let (pools, _dir) = pools(64 * MIB);
     tch::manual_seed(11);
-    let kinds = [Kind::Float, Kind::Double, Kind::Half, Kind::BFloat16, Kind::Int64, Kind::Int8, Kind::Uint8, Kind::Bool];
+    let kinds = [
+        Kind::Float,
+        Kind::Double,
+        Kind::Half,
+        Kind::BFloat16,
+        Kind::Int64,
+        Kind::Int8,
+        Kind::Uint8,
+        Kind::Bool,
+    ];
     let set = sire::TensorSet::new(kinds.iter().enumerate().map(|(i, &k)| {
         let t = (Tensor::randn([257, 3], (Kind::Float, Device::Cpu)) * 100).to_kind(k);
         // One non-contiguous tensor too.

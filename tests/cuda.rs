@@ -9,7 +9,12 @@ use sire::{Error, Location, ManageOptions, ResourcePoolManagement};
 use tch::{Device, Kind, Tensor};
 
 fn gpu_pools(cuda_budget: u64) -> ResourcePoolManagement {
-    let p = ResourcePoolManagement::builder().env(false).cuda_budget(cuda_budget).cpu_budget(8 << 30).build().unwrap();
+    let p = ResourcePoolManagement::builder()
+        .env(false)
+        .cuda_budget(cuda_budget)
+        .cpu_budget(8 << 30)
+        .build()
+        .unwrap();
     assert!(tch::Cuda::is_available(), "cuda-tests asked for, but libtorch sees no CUDA device");
     assert!(p.pools().iter().any(|(l, _)| *l == Location::Cuda(0)), "no cuda:0 pool: {p}");
     p

@@ -31,6 +31,10 @@ fn spilling_frees_the_resident_set() {
     );
     let g = sire::auto_manage(&m).unwrap();
     let grown = rss() as i64 - spilled as i64;
-    assert!(grown as f64 > 0.9 * size as f64 && (grown as f64) < 1.25 * size as f64, "reload grew {} MiB", grown >> 20);
+    assert!(
+        grown as f64 > 0.9 * size as f64 && (grown as f64) < 1.25 * size as f64,
+        "reload grew {} MiB",
+        grown >> 20
+    );
     drop(g);
 }

@@ -2,7 +2,8 @@
 //! - a guard on a ready model is a CAS on `state` (READY bit | use count), no lock;
 //! - an evictor, under the lock, swaps `state` from exactly READY to 0;
 //! - a thread that waits for room counts itself in `waiters` *before* it looks,
-//!   and a guard that drops the last use notifies under the lock if anyone waits.
+//!   reads the use count with a read-modify-write, and a guard that drops the
+//!   last use notifies under the lock if anyone waits.
 //!
 //! Properties checked over every interleaving loom explores:
 //! 1. a model is never evicted while a guard on it is alive;
@@ -91,7 +92,11 @@ impl Model {
             if !*resident {
                 break; // someone else evicted it
             }
-            if self.state.compare_exchange(READY, 0, SeqCst, SeqCst).is_ok() {
+            // Read with a read-modify-write (as `uses_for_waiter` does): a later
+            // release reads from it and so sees `waiters`. A plain load or a failed
+            // CAS would rely on SeqCst store-buffer ordering, which loom flags.
+            let s = self.state.fetch_add(0, SeqCst);
+            if s == READY && self.state.compare_exchange(READY, 0, SeqCst, SeqCst).is_ok() {
                 assert!(!self.in_use.load(SeqCst), "evicted a model in use");
                 *resident = false;
                 break;

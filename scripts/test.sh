@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs the test suite: scripts/test.sh [extra cargo test arguments...]
+#   e.g. scripts/test.sh --features cuda-tests
+#        scripts/test.sh -- --nocapture
+# Unit, integration and example/bench-target tests first, then doctests.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=env.sh
+source scripts/env.sh
+
+cargo test --all-targets "$@"
+cargo test --doc "$@"
