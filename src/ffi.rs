@@ -83,6 +83,7 @@ fn is_lib(path: &Path, lib_name: &str) -> bool {
     file == lib_name || file.strip_prefix(lib_name).is_some_and(|rest| rest.starts_with('.'))
 }
 
+#[cfg(test)]
 /// Whether a library with this file name (e.g. `libtorch_cuda.so`) is mapped
 /// into the process.
 pub(crate) fn is_mapped(lib_name: &str) -> bool {
@@ -158,6 +159,7 @@ fn dlopen_global(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+#[cfg(test)]
 /// The system's page size in bytes (4096 if `sysconf` cannot say).
 fn page_size() -> u64 {
     // SAFETY: sysconf has no memory-safety preconditions; it returns -1 on error.
@@ -165,6 +167,7 @@ fn page_size() -> u64 {
     u64::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
 }
 
+#[cfg(test)]
 /// Resident set size of this process in bytes (`/proc/self/statm`, second
 /// field × page size); 0 if it cannot be read.
 pub(crate) fn resident_set_bytes() -> u64 {

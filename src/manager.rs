@@ -964,7 +964,7 @@ impl Inner {
                         })
                     })
                     .collect();
-                residents.sort_by(|a, b| b.last_used.cmp(&a.last_used));
+                residents.sort_by_key(|r| std::cmp::Reverse(r.last_used));
                 PoolStats { location: p.location, budget: p.budget, used: p.used, residents }
             })
             .collect();
