@@ -832,6 +832,8 @@ impl Inner {
     /// Performs an eviction's moves. Called without the lock, on a model marked moving.
     fn evict_bytes(&self, job: &Eviction) -> Result<()> {
         let c = &job.core;
+        let span = tracing::debug_span!("sire.evict", model = %c.name, bytes = c.bytes, from = %c.runtime, to = %c.offload, cause = job.cause);
+        let _evict = span.enter();
         let mut data = c.data.lock();
         let start = Instant::now();
         if job.drop_dev && !data.homes.is_empty() {

@@ -395,3 +395,15 @@ fn stats_print_as_a_table() {
     assert!(s.contains("cpu") && s.contains("disk") && s.contains("alpha"), "{s}");
     assert!(s.contains("2.00 MiB") && s.contains("50.0%"), "{s}");
 }
+
+#[test]
+fn handles_guards_and_the_manager_are_send_and_sync() {
+    fn check_send_sync<T: Send + Sync>() {}
+    check_send_sync::<sire::ResourcePoolManagement>();
+    check_send_sync::<sire::Managed<sire::TensorSet>>();
+    check_send_sync::<sire::Managed<tch::nn::VarStore>>();
+    check_send_sync::<sire::Managed<tch::CModule>>();
+    check_send_sync::<sire::Guard<'static, sire::TensorSet>>();
+    check_send_sync::<sire::OwnedGuard<sire::TensorSet>>();
+    check_send_sync::<sire::Stats>();
+}
