@@ -444,6 +444,8 @@ impl Inner {
             Err(err) => {
                 st.models.remove(&core.id);
                 st.sub(Location::Disk, write);
+                drop(st);
+                self.cond.notify_all();
                 Err(err)
             }
         }
@@ -656,7 +658,10 @@ impl Inner {
             };
             let jobs = self.claim_all(&mut st, &[core.id], from);
             if jobs.is_empty() {
-                continue; // a guard slipped in, or there is no room on disk
+                if core.uses() > 0 {
+                    continue; // a guard slipped in: reported as InUse above
+                }
+                return Err(self.oom(&st, core, Location::Disk, core.bytes, None));
             }
             return self.run_evictions_in(&mut st, jobs);
         }
@@ -702,6 +707,9 @@ impl Inner {
             if have >= need {
                 break;
             }
+            if charge == 0 {
+                continue; // frees nothing
+            }
             if write > 0 {
                 if write > disk_free {
                     continue; // nowhere to put it
@@ -745,6 +753,9 @@ impl Inner {
                     spill = false;
                     write = 0;
                 }
+            }
+            if write > st.free(Location::Disk) {
+                continue; // nowhere to put it (room() filters these; direct callers may not)
             }
             // Leaving the runtime location: no guard may exist or start (see module docs).
             let leaves_runtime = e.runtime_resident() && (drop_dev || (c.runtime == Location::Cpu && spill));
@@ -810,13 +821,18 @@ impl Inner {
                     }
                 }
                 Err(err) => {
-                    // The model stays whole where it was: undo the disk reservation.
+                    // Only the disk write can fail, and it comes after the device copy was
+                    // dropped: the model is whole in host memory. Undo the disk reservation.
                     if job.write > 0 {
                         e.disk = None;
                         st.sub(Location::Disk, job.write);
                     }
-                    if c.runtime == Location::Cpu || job.drop_dev {
-                        c.state.store(READY, SeqCst);
+                    let e = st.models.get_mut(&c.id).expect("present");
+                    if job.drop_dev && was_dev {
+                        e.dev = false;
+                        st.sub(c.runtime, dev_charge);
+                    } else if c.runtime == Location::Cpu {
+                        c.state.store(READY, SeqCst); // still resident on its runtime location
                     }
                     tracing::warn!(model = %c.name, error = %err, "eviction failed; the model stays where it was");
                     first_err.get_or_insert(err);
@@ -1072,6 +1088,28 @@ mod tests {
         drop(crate::try_auto_manage(&m).unwrap());
         m.offload().unwrap();
         assert_eq!(m.location(), Location::Disk);
+    }
+
+    #[test]
+    fn offload_without_disk_room_is_an_error_and_the_model_stays_usable() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = ResourcePoolManagement::builder()
+            .cuda(false)
+            .env(false)
+            .cpu_budget(1 << 20)
+            .disk_budget(1024) // less than the 4 KiB model
+            .spill_dir(dir.path())
+            .build()
+            .unwrap();
+        let m = p.manage(set(4.0)).unwrap();
+        match m.offload() {
+            Err(Error::OutOfMemory { location: Location::Disk, .. }) => {}
+            other => panic!("expected OutOfMemory on disk, got {other:?}"),
+        }
+        p.inner.check_invariants();
+        assert_eq!(m.location(), Location::Cpu);
+        let g = crate::try_auto_manage(&m).unwrap();
+        assert_eq!(g.get("w").unwrap().sum(tch::Kind::Float).double_value(&[]), 4096.0);
     }
 
     #[test]
