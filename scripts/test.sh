@@ -5,7 +5,7 @@
 # Unit, integration and example/bench-target tests first, then doctests.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-# shellcheck source=env.sh
+# shellcheck source-path=SCRIPTDIR/..
 source scripts/env.sh
 
 cargo test --all-targets "$@"

@@ -39,9 +39,9 @@ const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
-/// At most this many digits after the decimal point are used; further digits
-/// cannot change the result by a whole byte for any total below 10¹⁸ and are
-/// ignored (the result is rounded down anyway). Keeps the arithmetic in `u128`.
+/// At most this many digits after the decimal point are used (further digits
+/// are dropped, which can lower a result by at most one byte for totals below
+/// 10¹⁸; results are rounded down anyway). Keeps the arithmetic in `u128`.
 const MAX_FRACTION_DIGITS: u32 = 18;
 
 /// A non-negative decimal number, exactly: `mantissa / 10^scale`.
@@ -178,9 +178,10 @@ pub(crate) fn parse_budget(name: &str, value: &str, total: Option<u64>) -> Resul
         u => {
             let Some(mult) = unit_multiplier(u) else {
                 let shown = s[num_end..].trim();
-                let exponent = shown.len() > 1
-                    && shown[..1].eq_ignore_ascii_case("e")
-                    && shown[1..].trim_start_matches(['+', '-']).bytes().all(|b| b.is_ascii_digit());
+                let exponent = shown
+                    .strip_prefix(['e', 'E'])
+                    .map(|rest| rest.trim_start_matches(['+', '-']))
+                    .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
                 return Err(err(if exponent {
                     "exponents are not supported; use a unit such as `GB`".into()
                 } else {
@@ -567,6 +568,8 @@ mod tests {
         assert!(reason("1e9", None).contains("exponents"));
         assert!(reason("1E+9", None).contains("exponents"));
         assert!(reason("6EB", None).contains("unknown unit"));
+        assert!(reason("6é", None).contains("unknown unit")); // multi-byte unit: no slicing panic
+        assert!(reason("6e", None).contains("unknown unit"));
         assert!(reason("1.2.3", None).contains("decimal point"));
         assert!(reason("1..5GB", None).contains("decimal point"));
         assert!(reason(".", None).contains("expected a number"));
@@ -587,6 +590,45 @@ mod tests {
         assert!(reason("17179869184GiB", None).contains("more than"));
         assert!(reason("99999999999999999999999999999TB", None).contains("more than"));
         assert!(reason(&"9".repeat(60), None).contains("too large"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_integer_is_bytes(n in 1u64..) {
+            proptest::prop_assert_eq!(parse_budget("T", &n.to_string(), None).unwrap(), n);
+        }
+
+        #[test]
+        fn binary_and_decimal_units(n in 1u64..(1 << 24), spaces in " {0,2}") {
+            let gib = parse_budget("T", &format!("{n}{spaces}GiB"), None).unwrap();
+            proptest::prop_assert_eq!(gib, n << 30);
+            let mb = parse_budget("T", &format!("{n}{spaces}mb"), None).unwrap();
+            proptest::prop_assert_eq!(mb, n * 1_000_000);
+        }
+
+        #[test]
+        fn fractions_never_exceed_the_total(
+            total in 1u64..,
+            millis in 1u32..=1000,
+        ) {
+            let v = format!("{}.{:03}", millis / 1000, millis % 1000);
+            match parse_budget("T", &v, Some(total)) {
+                Ok(b) => {
+                    proptest::prop_assert!(b <= total);
+                    let exact = u128::from(total) * u128::from(millis) / 1000;
+                    proptest::prop_assert_eq!(u128::from(b), exact);
+                }
+                Err(Error::InvalidBudget { reason, .. }) => {
+                    proptest::prop_assert!(reason.contains("0 bytes"), "{}", reason);
+                }
+                Err(e) => proptest::prop_assert!(false, "{}", e),
+            }
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics(v in "[ 0-9.%kmgtibKMGTIB+eE-]{0,10}|\\PC{0,12}", total in proptest::option::of(0u64..)) {
+            let _ = parse_budget("T", &v, total);
+        }
     }
 
     #[test]
