@@ -131,6 +131,17 @@ pub enum Error {
         model: String,
     },
 
+    /// A move of the model's weights panicked (libtorch raised where `tch`
+    /// panics instead of returning an error). The move was undone: the model
+    /// is whole at its previous location.
+    #[error("moving model `{model}` panicked: {message}")]
+    MovePanicked {
+        /// Name of the model.
+        model: String,
+        /// The panic's message.
+        message: String,
+    },
+
     /// A failure inside libtorch.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

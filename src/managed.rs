@@ -44,7 +44,7 @@ impl<T> fmt::Debug for Managed<T> {
         f.debug_struct("Managed")
             .field("name", &self.name())
             .field("bytes", &self.size_bytes())
-            .field("runtime", &self.shared.core.runtime)
+            .field("runtime", &self.shared.core.runtime())
             .finish_non_exhaustive()
     }
 }
@@ -64,9 +64,12 @@ impl<T> Managed<T> {
         self.shared.core.bytes
     }
 
-    /// Where the model runs while guarded.
+    /// Where the model runs while guarded. A model registered without an
+    /// explicit runtime ([`ManageOptions::runtime`]) on a machine with several
+    /// CUDA devices is placed at each load: on the device it is resident on,
+    /// else on the one with the most free budget; this tells the latest choice.
     pub fn runtime(&self) -> Location {
-        self.shared.core.runtime
+        self.shared.core.runtime()
     }
 
     /// Where the weights are now: the runtime location if resident there, else
@@ -160,7 +163,7 @@ pub struct Guard<'a, T> {
 impl<T> Guard<'_, T> {
     /// The device the model's weights are on: move inputs here.
     pub fn device(&self) -> Device {
-        self.shared.core.device
+        self.shared.core.device()
     }
 }
 
@@ -195,7 +198,7 @@ pub struct OwnedGuard<T> {
 impl<T> OwnedGuard<T> {
     /// The device the model's weights are on: move inputs here.
     pub fn device(&self) -> Device {
-        self.shared.core.device
+        self.shared.core.device()
     }
 }
 

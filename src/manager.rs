@@ -21,9 +21,10 @@
 //! from the waiter's read-modify-write, so the waiter's increment is visible to
 //! it: a waiter cannot miss the release it waits for. `loom/` model-checks this.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,8 +46,11 @@ pub(crate) struct ModelCore {
     pub name: String,
     /// Bytes of the weights (each aliased storage once).
     pub bytes: u64,
-    pub runtime: Location,
-    pub device: Device,
+    /// Where the model runs, encoded (see `encode`); fixed unless `auto`, and
+    /// then only changed by a load, under the lock, while the model is on no device.
+    runtime: AtomicU32,
+    /// Placed automatically: each load from host memory picks a CUDA pool.
+    pub auto: bool,
     pub offload: Location,
     pub policy: OffloadPolicy,
     pub reserve: u64,
@@ -70,7 +74,34 @@ struct ModelData {
     source: Option<PathBuf>,
 }
 
+const CPU_CODE: u32 = u32::MAX;
+
+fn encode(loc: Location) -> u32 {
+    match loc {
+        Location::Cuda(i) => i as u32,
+        _ => CPU_CODE,
+    }
+}
+
 impl ModelCore {
+    /// Where the model runs while guarded (stable while any guard is alive).
+    #[inline]
+    pub(crate) fn runtime(&self) -> Location {
+        match self.runtime.load(Acquire) {
+            CPU_CODE => Location::Cpu,
+            i => Location::Cuda(i as usize),
+        }
+    }
+
+    /// The `tch` device of [`ModelCore::runtime`].
+    #[inline]
+    pub(crate) fn device(&self) -> Device {
+        match self.runtime.load(Acquire) {
+            CPU_CODE => Device::Cpu,
+            i => Device::Cuda(i as usize),
+        }
+    }
+
     /// The hit path: one use more if the model is ready.
     #[inline]
     pub(crate) fn try_hit(&self, clock: &AtomicU64) -> bool {
@@ -119,7 +150,7 @@ struct Entry {
 
 impl Entry {
     fn runtime_resident(&self) -> bool {
-        match self.core.runtime {
+        match self.core.runtime() {
             Location::Cpu => self.host,
             _ => self.dev,
         }
@@ -129,9 +160,9 @@ impl Entry {
     fn charge(&self, loc: Location) -> u64 {
         let c = &self.core;
         match loc {
-            Location::Cuda(_) if self.dev && c.runtime == loc => c.bytes + c.reserve,
+            Location::Cuda(_) if self.dev && c.runtime() == loc => c.bytes + c.reserve,
             Location::Cpu if self.host => {
-                if c.runtime == Location::Cpu {
+                if c.runtime() == Location::Cpu {
                     c.bytes + c.reserve
                 } else {
                     c.bytes
@@ -161,6 +192,25 @@ impl State {
 
     fn pool_ref(&self, loc: Location) -> Option<&Pool> {
         self.pools.iter().find(|p| p.location == loc)
+    }
+
+    /// The CUDA pool with the most free budget (the lowest index on a tie).
+    fn most_free_cuda(&self) -> Option<Location> {
+        self.pools
+            .iter()
+            .filter(|p| matches!(p.location, Location::Cuda(_)))
+            .max_by_key(|p| (p.budget - p.used, std::cmp::Reverse(p.location)))
+            .map(|p| p.location)
+    }
+
+    /// Where a model placed automatically runs next: the device it is
+    /// resident on, else the CUDA pool with the most free budget.
+    fn place(&self, e: &Entry) -> Location {
+        let now = e.core.runtime();
+        if !e.core.auto || now == Location::Cpu || e.dev || e.moving {
+            return now;
+        }
+        self.most_free_cuda().unwrap_or(now)
     }
 
     fn free(&self, loc: Location) -> u64 {
@@ -222,6 +272,10 @@ pub(crate) enum FailAt {
     Load,
     /// While writing a spill file.
     Spill,
+    /// While copying device-written weights back to the home copy.
+    CopyBack,
+    /// A panic (as tch raises them) while loading weights.
+    PanicInLoad,
 }
 
 pub(crate) struct Inner {
@@ -312,10 +366,7 @@ impl Inner {
             let cudas: Vec<&Pool> =
                 st.pools.iter().filter(|p| matches!(p.location, Location::Cuda(_))).collect();
             let runtime = match opts.runtime {
-                None => cudas
-                    .iter()
-                    .max_by_key(|p| (p.budget - p.used, std::cmp::Reverse(p.location)))
-                    .map_or(Location::Cpu, |p| p.location),
+                None => st.most_free_cuda().unwrap_or(Location::Cpu),
                 Some(Location::Disk) => {
                     return Err(invalid("the runtime location cannot be the disk".into()))
                 }
@@ -357,8 +408,8 @@ impl Inner {
             id,
             name,
             bytes: inv.bytes,
-            runtime,
-            device: runtime.device().expect("runtime is a device"),
+            runtime: AtomicU32::new(encode(runtime)),
+            auto: opts.runtime.is_none(),
             offload,
             policy: opts.policy,
             reserve: opts.reserve,
@@ -385,7 +436,7 @@ impl Inner {
     /// Accounts a new model's host bytes, making room (or spilling the model
     /// itself straight to disk) so that the host pool stays within budget.
     fn admit(&self, core: &Arc<ModelCore>) -> Result<()> {
-        let need = if core.runtime == Location::Cpu { core.bytes + core.reserve } else { core.bytes };
+        let need = if core.runtime() == Location::Cpu { core.bytes + core.reserve } else { core.bytes };
         // A model read from a safetensors file already has a clean copy on disk.
         let disk = core.data.lock().source.as_ref().map(|_| 0);
         let mut st = self.state.lock();
@@ -397,7 +448,7 @@ impl Inner {
                         core.id,
                         Entry { core: core.clone(), dev: false, host: true, disk, moving: false },
                     );
-                    if core.runtime == Location::Cpu {
+                    if core.runtime() == Location::Cpu {
                         core.state.store(READY, SeqCst);
                     }
                     return Ok(());
@@ -431,7 +482,7 @@ impl Inner {
         // The host bytes are outside the pool until the write completes, then gone.
         let job = Eviction { core: core.clone(), drop_dev: false, spill: true, write, cause: "admit" };
         drop(st);
-        let res = self.evict_bytes(&job);
+        let res = unwind_safe(&core.name, || self.evict_bytes(&job, &Cell::new(false)));
         let mut st = self.state.lock();
         let e = st.models.get_mut(&core.id).expect("registered");
         e.moving = false;
@@ -459,8 +510,8 @@ impl Inner {
         }
         if let Some(e) = st.models.remove(&core.id) {
             let mut locs = vec![Location::Cpu, Location::Disk];
-            if core.runtime != Location::Cpu {
-                locs.push(core.runtime);
+            if core.runtime() != Location::Cpu {
+                locs.push(core.runtime());
             }
             for loc in locs {
                 let c = e.charge(loc);
@@ -502,19 +553,25 @@ impl Inner {
             }
             let e = st.models.get(&id).ok_or_else(|| Error::ForeignModel { model: core.name.clone() })?;
             if e.moving {
-                self.wait(st, wait, core, core.runtime, core.bytes)?;
+                self.wait(st, wait, core, core.runtime(), core.bytes)?;
                 continue;
             }
-            debug_assert!(!e.runtime_resident() || core.is_ready() || core.runtime != Location::Cpu);
-            let load = Load { host: !e.host, dev: core.runtime != Location::Cpu && !e.dev };
+            debug_assert!(!e.runtime_resident() || core.is_ready() || core.runtime() != Location::Cpu);
+            let place = st.place(e);
+            if place != core.runtime() {
+                // On no device and not moving: no guard exists and none can start.
+                core.runtime.store(encode(place), Release);
+            }
+            let e = st.models.get(&id).expect("registered");
+            let load = Load { host: !e.host, dev: core.runtime() != Location::Cpu && !e.dev };
             // Room, pool by pool: host first (a CUDA model needs its home), then device.
             let mut needs: Vec<(Location, u64)> = Vec::new();
             if load.host {
-                let n = if core.runtime == Location::Cpu { core.bytes + core.reserve } else { core.bytes };
+                let n = if core.runtime() == Location::Cpu { core.bytes + core.reserve } else { core.bytes };
                 needs.push((Location::Cpu, n));
             }
             if load.dev {
-                needs.push((core.runtime, core.bytes + core.reserve));
+                needs.push((core.runtime(), core.bytes + core.reserve));
             }
             let mut retry = false;
             for &(loc, n) in &needs {
@@ -552,7 +609,11 @@ impl Inner {
             if load.dev {
                 e.dev = true;
             }
-            let res = MutexGuard::unlocked(st, || self.load_bytes(core, &load));
+            let host_done = Cell::new(false);
+            let res = MutexGuard::unlocked(st, || {
+                unwind_safe(&core.name, || self.load_bytes(core, &load, &host_done))
+            })
+            .map_err(|e| (host_done.get(), e));
             let e = st.models.get_mut(&id).expect("registered");
             e.moving = false;
             self.counters.misses.fetch_add(1, Relaxed);
@@ -567,7 +628,7 @@ impl Inner {
                     // Undo what did not happen; a completed host load stays (the model is whole there).
                     if load.dev {
                         e.dev = false;
-                        st.sub(core.runtime, core.bytes + core.reserve);
+                        st.sub(core.runtime(), core.bytes + core.reserve);
                     }
                     if load.host && !host_done {
                         let e = st.models.get_mut(&id).expect("registered");
@@ -627,7 +688,7 @@ impl Inner {
     fn on_idle(&self, core: &ModelCore) {
         let mut st = self.state.lock();
         if core.policy == OffloadPolicy::Eager {
-            let jobs = self.claim_all(&mut st, &[core.id], core.runtime);
+            let jobs = self.claim_all(&mut st, &[core.id], core.runtime());
             if let Err(e) = self.run_evictions_in(&mut st, jobs) {
                 tracing::warn!(model = %core.name, error = %e, "eager offload failed; the model stays resident");
             }
@@ -650,7 +711,7 @@ impl Inner {
                 return Err(Error::InUse { model: core.name.clone(), guards: core.uses() });
             }
             let from = if e.runtime_resident() {
-                core.runtime
+                core.runtime()
             } else if e.host && core.offload == Location::Disk {
                 Location::Cpu
             } else {
@@ -676,7 +737,7 @@ impl Inner {
             return None;
         }
         match loc {
-            Location::Cuda(_) => (e.dev && c.runtime == loc).then_some(0),
+            Location::Cuda(_) => (e.dev && c.runtime() == loc).then_some(0),
             Location::Cpu if e.host => Some(if e.disk.is_some() { 0 } else { c.bytes }),
             _ => None,
         }
@@ -743,7 +804,7 @@ impl Inner {
             let Some(e) = st.models.get(&id) else { continue };
             let Some(mut write) = self.evictable(e, from) else { continue };
             let c = e.core.clone();
-            let from_runtime = from == c.runtime;
+            let from_runtime = from == c.runtime();
             let drop_dev = e.dev;
             let mut spill = from == Location::Cpu || c.offload == Location::Disk;
             if from_runtime && from != Location::Cpu && spill {
@@ -758,7 +819,8 @@ impl Inner {
                 continue; // nowhere to put it (room() filters these; direct callers may not)
             }
             // Leaving the runtime location: no guard may exist or start (see module docs).
-            let leaves_runtime = e.runtime_resident() && (drop_dev || (c.runtime == Location::Cpu && spill));
+            let leaves_runtime =
+                e.runtime_resident() && (drop_dev || (c.runtime() == Location::Cpu && spill));
             if leaves_runtime && c.state.compare_exchange(READY, 0, SeqCst, SeqCst).is_err() {
                 continue; // a guard arrived first
             }
@@ -793,15 +855,22 @@ impl Inner {
         if jobs.is_empty() {
             return Ok(());
         }
-        let results: Vec<Result<()>> =
-            MutexGuard::unlocked(st, || jobs.iter().map(|j| self.evict_bytes(j)).collect());
+        let results: Vec<Result<(), (bool, Error)>> = MutexGuard::unlocked(st, || {
+            jobs.iter()
+                .map(|j| {
+                    let dropped = Cell::new(false);
+                    unwind_safe(&j.core.name, || self.evict_bytes(j, &dropped))
+                        .map_err(|e| (dropped.get(), e))
+                })
+                .collect()
+        });
         let mut first_err = None;
         for (job, res) in jobs.iter().zip(results) {
             let c = &job.core;
             let e = st.models.get_mut(&c.id).expect("victims stay registered while moving");
             e.moving = false;
             let was_dev = e.dev;
-            let dev_charge = e.charge(c.runtime);
+            let dev_charge = e.charge(c.runtime());
             let host_charge = e.charge(Location::Cpu);
             match res {
                 Ok(()) => {
@@ -814,24 +883,25 @@ impl Inner {
                     }
                     let (d, h) = (job.drop_dev && was_dev, job.spill);
                     if d {
-                        st.sub(c.runtime, dev_charge);
+                        st.sub(c.runtime(), dev_charge);
                     }
                     if h {
                         st.sub(Location::Cpu, host_charge);
                     }
                 }
-                Err(err) => {
-                    // Only the disk write can fail, and it comes after the device copy was
-                    // dropped: the model is whole in host memory. Undo the disk reservation.
+                Err((dropped, err)) => {
+                    // Either the device copy is intact (the failure came first) or it was
+                    // dropped and the model is whole in host memory; the disk write did not
+                    // complete. Undo the disk reservation.
                     if job.write > 0 {
                         e.disk = None;
                         st.sub(Location::Disk, job.write);
                     }
                     let e = st.models.get_mut(&c.id).expect("present");
-                    if job.drop_dev && was_dev {
+                    if job.drop_dev && was_dev && dropped {
                         e.dev = false;
-                        st.sub(c.runtime, dev_charge);
-                    } else if c.runtime == Location::Cpu {
+                        st.sub(c.runtime(), dev_charge);
+                    } else if e.runtime_resident() {
                         c.state.store(READY, SeqCst); // still resident on its runtime location
                     }
                     tracing::warn!(model = %c.name, error = %err, "eviction failed; the model stays where it was");
@@ -846,27 +916,35 @@ impl Inner {
     // ----------------------------------------------------------------- moving bytes
 
     /// Performs an eviction's moves. Called without the lock, on a model marked moving.
-    fn evict_bytes(&self, job: &Eviction) -> Result<()> {
+    fn evict_bytes(&self, job: &Eviction, dev_dropped: &Cell<bool>) -> Result<()> {
         let c = &job.core;
-        let span = tracing::debug_span!("sire.evict", model = %c.name, bytes = c.bytes, from = %c.runtime, to = %c.offload, cause = job.cause);
+        let span = tracing::debug_span!("sire.evict", model = %c.name, bytes = c.bytes, from = %c.runtime(), to = %c.offload, cause = job.cause);
         let _evict = span.enter();
         let mut data = c.data.lock();
         let start = Instant::now();
         if job.drop_dev && !data.homes.is_empty() {
-            let span = tracing::debug_span!("sire.offload", model = %c.name, bytes = c.bytes, from = %c.runtime, to = "cpu", cause = job.cause);
+            let span = tracing::debug_span!("sire.offload", model = %c.name, bytes = c.bytes, from = %c.runtime(), to = "cpu", cause = job.cause);
             let _g = span.enter();
             let d = &mut *data;
             let mut copied = 0;
-            for (i, g) in d.groups.iter_mut().enumerate() {
-                let home = &mut d.homes[i];
+            // Two phases: copy back what was written on the device, then swap.
+            let mut fresh = Vec::new();
+            for (i, g) in d.groups.iter().enumerate() {
                 if g.current().internal_version() != d.dev_versions[i] {
                     // Written on the device: the home copy must follow.
-                    *home = g.current().to_device(Device::Cpu);
+                    self.failpoint(FailAt::CopyBack)?;
+                    fresh.push((i, g.current().f_to_device(Device::Cpu)?));
                     copied += g.bytes;
                 }
+            }
+            for (i, t) in fresh {
+                d.homes[i] = t;
+            }
+            for (g, home) in d.groups.iter_mut().zip(&d.homes) {
                 g.set_data(home);
             }
             d.homes.clear();
+            dev_dropped.set(true);
             self.counters.bytes_d2h.fetch_add(copied, Relaxed);
             tracing::debug!(copied, elapsed = ?start.elapsed(), "offloaded");
         }
@@ -900,7 +978,7 @@ impl Inner {
 
     /// Brings a model to its runtime location. On failure, reports whether the
     /// host part completed (the model is then whole in host memory).
-    fn load_bytes(&self, c: &ModelCore, load: &Load) -> Result<(), (bool, Error)> {
+    fn load_bytes(&self, c: &ModelCore, load: &Load, host_done: &Cell<bool>) -> Result<()> {
         let mut data = c.data.lock();
         let d = &mut *data;
         let start = Instant::now();
@@ -916,33 +994,37 @@ impl Inner {
                 };
                 let ts = spill::read(path, &keys, checked)?;
                 self.failpoint(FailAt::Load)?;
+                if self.failpoint(FailAt::PanicInLoad).is_err() {
+                    panic!("injected panic in a load");
+                }
                 check_shapes(&c.name, path, &d.groups, &ts)?;
                 Ok(ts)
             };
-            let ts = read().map_err(|e| (false, e))?;
+            let ts = read()?;
             for (g, t) in d.groups.iter_mut().zip(&ts) {
                 g.set_data(t);
             }
+            host_done.set(true);
             d.disk_versions = d.groups.iter().map(|g| g.current().internal_version()).collect();
             self.counters.bytes_from_disk.fetch_add(c.bytes, Relaxed);
             tracing::debug!(elapsed = ?start.elapsed(), "loaded from disk");
         }
         if load.dev {
-            let span = tracing::debug_span!("sire.load", model = %c.name, bytes = c.bytes, from = "cpu", to = %c.runtime);
+            let span = tracing::debug_span!("sire.load", model = %c.name, bytes = c.bytes, from = "cpu", to = %c.runtime());
             let _g = span.enter();
             let t0 = Instant::now();
             let copy = || -> Result<Vec<Tensor>> {
                 let mut out = Vec::with_capacity(d.groups.len());
                 for g in &d.groups {
                     self.failpoint(FailAt::Load)?;
-                    out.push(g.current().f_to_device_(c.device, g.kind, true, false)?);
+                    out.push(g.current().f_to_device_(c.device(), g.kind, true, false)?);
                 }
-                if let Device::Cuda(i) = c.device {
+                if let Device::Cuda(i) = c.device() {
                     tch::Cuda::synchronize(i as i64);
                 }
                 Ok(out)
             };
-            let copies = copy().map_err(|e| (load.host, e))?;
+            let copies = copy()?;
             d.homes = d.groups.iter().map(|g| g.current().detach()).collect();
             for (g, t) in d.groups.iter_mut().zip(&copies) {
                 g.set_data(t);
@@ -969,7 +1051,7 @@ impl Inner {
                     .filter_map(|e| {
                         let bytes = e.charge(p.location);
                         let present = match p.location {
-                            Location::Cuda(_) => e.dev && e.core.runtime == p.location,
+                            Location::Cuda(_) => e.dev && e.core.runtime() == p.location,
                             Location::Cpu => e.host,
                             Location::Disk => e.disk.is_some(),
                         };
@@ -1000,7 +1082,7 @@ impl Inner {
     pub(crate) fn location_of(&self, core: &ModelCore) -> Location {
         let st = self.state.lock();
         match st.models.get(&core.id) {
-            Some(e) if e.runtime_resident() => core.runtime,
+            Some(e) if e.runtime_resident() => core.runtime(),
             Some(e) if e.host => Location::Cpu,
             _ => Location::Disk,
         }
@@ -1013,6 +1095,22 @@ impl Inner {
             let sum: u64 = st.models.values().map(|e| e.charge(p.location)).sum();
             assert!(p.used <= p.budget, "{}: used {} > budget {}", p.location, p.used, p.budget);
             assert_eq!(p.used, sum, "{}: used differs from the sum of residents", p.location);
+        }
+    }
+}
+
+/// Runs a move, turning a panic (tch panics where libtorch throws) into an
+/// error, so the caller's undo path runs and the model is never left `moving`.
+fn unwind_safe<R>(model: &str, f: impl FnOnce() -> Result<R>) -> Result<R> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let message = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(Error::MovePanicked { model: model.to_string(), message })
         }
     }
 }
@@ -1074,6 +1172,25 @@ mod tests {
     }
 
     #[test]
+    fn a_panic_inside_a_load_is_an_error_and_undoes_the_reservation() {
+        let (p, _d) = pools(1 << 20);
+        let m = p.manage(set(6.0)).unwrap();
+        m.offload().unwrap();
+        p.inner.fail_next(FailAt::PanicInLoad);
+        match crate::auto_manage(&m) {
+            Err(Error::MovePanicked { message, .. }) => assert!(message.contains("injected"), "{message}"),
+            other => panic!("expected MovePanicked, got {:?}", other.map(|_| ())),
+        }
+        p.inner.check_invariants();
+        assert_eq!(m.location(), Location::Disk);
+        assert!(!p.stats().pools.iter().any(|p| p.residents.iter().any(|r| r.moving)), "not left moving");
+        assert_eq!(p.stats().pool(Location::Cpu).unwrap().used, 0);
+        // Not stuck: a later guard loads it (a stuck `moving` flag would make this wait forever).
+        let g = crate::auto_manage_timeout(&m, Duration::from_secs(5)).unwrap();
+        assert_eq!(g.get("w").unwrap().sum(tch::Kind::Float).double_value(&[]), 6144.0);
+    }
+
+    #[test]
     fn a_failed_spill_leaves_the_model_whole_in_memory() {
         let (p, _d) = pools(1 << 20);
         let m = p.manage(set(3.0)).unwrap();
@@ -1127,5 +1244,90 @@ mod tests {
         drop(g);
         let g = crate::auto_manage(&b).unwrap();
         assert_eq!(g.get("w").unwrap().sum(tch::Kind::Float).double_value(&[]), 5120.0);
+    }
+}
+
+#[cfg(test)]
+mod placement {
+    use super::*;
+    use crate::TensorSet;
+
+    const MIB: u64 = 1 << 20;
+
+    fn inner() -> Inner {
+        // Two CUDA pools configured by budget: nothing here touches a GPU.
+        Inner::new(
+            vec![(Location::Cuda(0), 100 * MIB), (Location::Cuda(1), 200 * MIB), (Location::Cpu, 1 << 40)],
+            None,
+            Duration::from_secs(1),
+        )
+    }
+
+    fn model() -> TensorSet {
+        TensorSet::new([("w", Tensor::zeros([256], tch::kind::FLOAT_CPU))]).unwrap()
+    }
+
+    fn place(inner: &Inner, core: &ModelCore) -> Location {
+        let st = inner.state.lock();
+        st.place(&st.models[&core.id])
+    }
+
+    /// Pretends the model was loaded onto `loc` (accounting only).
+    fn mark_resident(inner: &Inner, core: &ModelCore, loc: Location) {
+        let mut st = inner.state.lock();
+        core.runtime.store(encode(loc), Release);
+        st.add(loc, core.bytes);
+        st.models.get_mut(&core.id).unwrap().dev = true;
+    }
+
+    #[test]
+    fn automatic_models_go_where_the_most_budget_is_free_unless_already_resident() {
+        let inner = inner();
+        let a = inner.register(&model(), ManageOptions::default()).unwrap().core;
+        assert!(a.auto);
+        // Cuda(1) has 200 MiB free, Cuda(0) 100 MiB.
+        assert_eq!(place(&inner, &a), Location::Cuda(1));
+        // Resident on Cuda(0): it stays there although Cuda(1) has more room.
+        mark_resident(&inner, &a, Location::Cuda(0));
+        assert_eq!(place(&inner, &a), Location::Cuda(0));
+        // Something else fills Cuda(1) to 150 MiB: a new model now prefers Cuda(0) (100 - 1 KiB free vs 50).
+        inner.state.lock().add(Location::Cuda(1), 150 * MIB);
+        let b = inner.register(&model(), ManageOptions::default()).unwrap().core;
+        assert_eq!(place(&inner, &b), Location::Cuda(0));
+        // Equal free budgets: the lowest index wins.
+        inner.state.lock().sub(Location::Cuda(1), 150 * MIB);
+        inner.state.lock().add(Location::Cuda(1), 100 * MIB + a.bytes);
+        assert_eq!(place(&inner, &b), Location::Cuda(0));
+    }
+
+    #[test]
+    fn an_explicit_device_is_honoured() {
+        let inner = inner();
+        let opts = ManageOptions::new().runtime(Location::Cuda(0));
+        let a = inner.register(&model(), opts).unwrap().core;
+        assert!(!a.auto);
+        assert_eq!(place(&inner, &a), Location::Cuda(0), "pinned to cuda:0 although cuda:1 has more room");
+        let cpu =
+            inner.register(&model(), ManageOptions::new().runtime(Location::Cpu).offload(Location::Disk));
+        assert!(cpu.is_err(), "offload to disk without a spill directory is refused");
+        match inner.register(&model(), ManageOptions::new().runtime(Location::Cuda(2))) {
+            Err(Error::UnknownDevice { location: Location::Cuda(2), available: 2 }) => {}
+            other => panic!("expected UnknownDevice, got {:?}", other.map(|_| ())),
+        }
+    }
+
+    #[test]
+    fn stats_show_residency_per_device() {
+        let inner = inner();
+        let a = inner.register(&model(), ManageOptions::new().name("a")).unwrap().core;
+        let b = inner.register(&model(), ManageOptions::new().name("b")).unwrap().core;
+        mark_resident(&inner, &a, Location::Cuda(0));
+        mark_resident(&inner, &b, Location::Cuda(1));
+        let s = inner.stats();
+        let names =
+            |loc| -> Vec<String> { s.pool(loc).unwrap().residents.iter().map(|r| r.name.clone()).collect() };
+        assert_eq!(names(Location::Cuda(0)), ["a"]);
+        assert_eq!(names(Location::Cuda(1)), ["b"]);
+        inner.check_invariants();
     }
 }
