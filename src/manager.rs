@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::options::{ManageOptions, OffloadPolicy};
 use crate::stats::{Counters, PoolStats, Resident, Stats};
@@ -72,6 +72,10 @@ struct ModelData {
     spill_path: Option<PathBuf>,
     /// A safetensors file the weights came from: a clean model reloads from it.
     source: Option<PathBuf>,
+    /// The home copy of a CUDA model packed into one host buffer (pinned when
+    /// `Entry::pinned` is set), every group a view into it: a load is then one
+    /// large copy. `None` for CPU models and while the weights are on disk.
+    pack: Option<Tensor>,
 }
 
 const CPU_CODE: u32 = u32::MAX;
@@ -146,6 +150,8 @@ struct Entry {
     /// A valid copy on disk, and what it costs the disk pool (0 for a source file).
     disk: Option<u64>,
     moving: bool,
+    /// Bytes of the host copy held in pinned memory (0: pageable or absent).
+    pinned: u64,
 }
 
 impl Entry {
@@ -183,6 +189,9 @@ struct Pool {
 struct State {
     pools: Vec<Pool>,
     models: HashMap<u64, Entry>,
+    /// Pinned host bytes allowed and held (home copies of CUDA models).
+    pinned_cap: u64,
+    pinned_used: u64,
 }
 
 impl State {
@@ -192,6 +201,19 @@ impl State {
 
     fn pool_ref(&self, loc: Location) -> Option<&Pool> {
         self.pools.iter().find(|p| p.location == loc)
+    }
+
+    /// Pinned bytes to reserve for a home copy of `core` about to enter host
+    /// memory: all of it if the cap allows, else none (it stays pageable).
+    fn reserve_pinned(&mut self, pin: Pinning, core: &ModelCore) -> u64 {
+        if pin == Pinning::Off || core.runtime() == Location::Cpu || core.bytes == 0 {
+            return 0;
+        }
+        if self.pinned_used + core.bytes > self.pinned_cap {
+            return 0;
+        }
+        self.pinned_used += core.bytes;
+        core.bytes
     }
 
     /// The CUDA pool with the most free budget (the lowest index on a tie).
@@ -246,6 +268,8 @@ struct Eviction {
 struct Load {
     host: bool,
     dev: bool,
+    /// The home copy read from disk goes to pinned memory.
+    pin: bool,
 }
 
 /// Outcome of looking for room in one pool.
@@ -278,8 +302,21 @@ pub(crate) enum FailAt {
     PanicInLoad,
 }
 
+/// How home copies of CUDA models are allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pinning {
+    /// Pageable memory (no CUDA device).
+    Off,
+    /// Page-locked memory, for asynchronous copies at full bandwidth.
+    Cuda,
+    /// Pageable memory accounted as pinned: tests of the cap without a GPU.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Simulated,
+}
+
 pub(crate) struct Inner {
     state: Mutex<State>,
+    pin: Pinning,
     cond: Condvar,
     waiters: AtomicUsize,
     clock: AtomicU64,
@@ -313,7 +350,10 @@ impl Inner {
                     .map(|(location, budget)| Pool { location, budget, used: 0 })
                     .collect(),
                 models: HashMap::new(),
+                pinned_cap: 0,
+                pinned_used: 0,
             }),
+            pin: Pinning::Off,
             cond: Condvar::new(),
             waiters: AtomicUsize::new(0),
             clock: AtomicU64::new(1),
@@ -324,6 +364,13 @@ impl Inner {
             #[cfg(test)]
             fail: Mutex::new(None),
         }
+    }
+
+    /// Sets how home copies of CUDA models are allocated, and the cap on pinned bytes.
+    pub(crate) fn with_pinning(mut self, pin: Pinning, cap: u64) -> Self {
+        self.pin = pin;
+        self.state.get_mut().pinned_cap = cap;
+        self
     }
 
     pub(crate) fn pools(&self) -> Vec<(Location, u64)> {
@@ -349,6 +396,50 @@ impl Inner {
     #[inline(always)]
     fn failpoint(&self, _: FailAt) -> Result<()> {
         Ok(())
+    }
+
+    // ----------------------------------------------------------------- host memory
+
+    /// A byte buffer in host memory, pinned if asked and possible; tells
+    /// whether it is pinned (pinning can fail, e.g. under a memlock limit:
+    /// the buffer is then pageable and still correct).
+    fn alloc_host(&self, bytes: usize, pin: bool, device: Device) -> Result<(Tensor, bool)> {
+        let t = Tensor::f_empty([bytes as i64], (Kind::Uint8, Device::Cpu))?;
+        match (pin, self.pin) {
+            (true, Pinning::Cuda) => match t.f_pin_memory(device) {
+                Ok(p) => Ok((p, true)),
+                Err(e) => {
+                    tracing::warn!(bytes, error = %e, "pinning failed; the home copy stays pageable");
+                    Ok((t, false))
+                }
+            },
+            (true, Pinning::Simulated) => Ok((t, true)),
+            _ => Ok((t, false)),
+        }
+    }
+
+    /// Copies the model's weights into one packed host buffer (pinned if
+    /// asked and possible) and points the tensors at it. Tells whether it is pinned.
+    fn pack_home(&self, d: &mut ModelData, pin: bool, device: Device) -> Result<bool> {
+        let (offsets, total) = pack_layout(&d.groups);
+        let (flat, pinned) = self.alloc_host(total, pin, device)?;
+        let views = d
+            .groups
+            .iter()
+            .zip(offsets)
+            .map(|(g, o)| {
+                let mut v = pack_view(&flat, o, g.kind, &g.shape, g.bytes)?;
+                if g.bytes > 0 {
+                    v.f_copy_(g.current())?;
+                }
+                Ok(v)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (g, v) in d.groups.iter_mut().zip(&views) {
+            g.set_data(v);
+        }
+        d.pack = Some(flat);
+        Ok(pinned)
     }
 
     // ----------------------------------------------------------------- registration
@@ -423,19 +514,42 @@ impl Inner {
                 disk_versions: vec![0; n],
                 spill_path: self.spill_dir.as_ref().map(|d| d.join(format!("{id}.safetensors"))),
                 source,
+                pack: None,
             }),
         });
         {
             let mut d = core.data.lock();
             d.disk_versions = d.groups.iter().map(|g| g.current().internal_version()).collect();
         }
-        self.admit(&core)?;
+        if let Some(pinned) = self.admit(&core)? {
+            // A CUDA model's home is packed into one buffer, pinned within the
+            // cap, while the model is marked moving.
+            let mut d = core.data.lock();
+            let res = unwind_safe(&core.name, || self.pack_home(&mut d, pinned > 0, core.device()));
+            if let Err(e) = &res {
+                tracing::warn!(model = %core.name, error = %e, "could not pack the home copy; it stays as it was");
+            }
+            d.disk_versions = d.groups.iter().map(|g| g.current().internal_version()).collect();
+            drop(d);
+            let mut st = self.state.lock();
+            let e = st.models.get_mut(&core.id).expect("registered");
+            e.moving = false;
+            if pinned > 0 && !matches!(res, Ok(true)) {
+                e.pinned = 0;
+                st.pinned_used -= pinned;
+            }
+            drop(st);
+            self.cond.notify_all();
+        }
         Ok(Registered { core })
     }
 
     /// Accounts a new model's host bytes, making room (or spilling the model
     /// itself straight to disk) so that the host pool stays within budget.
-    fn admit(&self, core: &Arc<ModelCore>) -> Result<()> {
+    /// For a CUDA model admitted to host memory, returns the pinned bytes
+    /// reserved for its home copy, with the model marked moving: the caller
+    /// packs the home and clears the flag.
+    fn admit(&self, core: &Arc<ModelCore>) -> Result<Option<u64>> {
         let need = if core.runtime() == Location::Cpu { core.bytes + core.reserve } else { core.bytes };
         // A model read from a safetensors file already has a clean copy on disk.
         let disk = core.data.lock().source.as_ref().map(|_| 0);
@@ -444,14 +558,16 @@ impl Inner {
             match self.room(&st, Location::Cpu, need, core.id) {
                 Room::Free => {
                     st.add(Location::Cpu, need);
+                    let pinned = st.reserve_pinned(self.pin, core);
+                    let cuda = core.runtime() != Location::Cpu;
                     st.models.insert(
                         core.id,
-                        Entry { core: core.clone(), dev: false, host: true, disk, moving: false },
+                        Entry { core: core.clone(), dev: false, host: true, disk, moving: cuda, pinned },
                     );
-                    if core.runtime() == Location::Cpu {
+                    if !cuda {
                         core.state.store(READY, SeqCst);
                     }
-                    return Ok(());
+                    return Ok(cuda.then_some(pinned));
                 }
                 Room::Evict(victims) => {
                     let jobs = self.claim_all(&mut st, &victims, Location::Cpu);
@@ -476,7 +592,7 @@ impl Inner {
         // Not counted in the host pool: it leaves host memory as soon as it is written.
         st.models.insert(
             core.id,
-            Entry { core: core.clone(), dev: false, host: false, disk: Some(write), moving: true },
+            Entry { core: core.clone(), dev: false, host: false, disk: Some(write), moving: true, pinned: 0 },
         );
         st.add(Location::Disk, write);
         // The host bytes are outside the pool until the write completes, then gone.
@@ -490,7 +606,7 @@ impl Inner {
             Ok(()) => {
                 drop(st);
                 self.cond.notify_all();
-                Ok(())
+                Ok(None)
             }
             Err(err) => {
                 st.models.remove(&core.id);
@@ -509,6 +625,7 @@ impl Inner {
             self.cond.wait(&mut st);
         }
         if let Some(e) = st.models.remove(&core.id) {
+            st.pinned_used -= e.pinned;
             let mut locs = vec![Location::Cpu, Location::Disk];
             if core.runtime() != Location::Cpu {
                 locs.push(core.runtime());
@@ -563,7 +680,7 @@ impl Inner {
                 core.runtime.store(encode(place), Release);
             }
             let e = st.models.get(&id).expect("registered");
-            let load = Load { host: !e.host, dev: core.runtime() != Location::Cpu && !e.dev };
+            let mut load = Load { host: !e.host, dev: core.runtime() != Location::Cpu && !e.dev, pin: false };
             // Room, pool by pool: host first (a CUDA model needs its home), then device.
             let mut needs: Vec<(Location, u64)> = Vec::new();
             if load.host {
@@ -603,17 +720,26 @@ impl Inner {
             for &(loc, n) in &needs {
                 st.add(loc, n);
             }
+            let pinned = if load.host { st.reserve_pinned(self.pin, core) } else { 0 };
+            load.pin = pinned > 0;
             let e = st.models.get_mut(&id).expect("registered");
+            e.pinned += pinned;
             e.moving = true;
             e.host = true;
             if load.dev {
                 e.dev = true;
             }
             let host_done = Cell::new(false);
+            let pin_failed = Cell::new(false);
             let res = MutexGuard::unlocked(st, || {
-                unwind_safe(&core.name, || self.load_bytes(core, &load, &host_done))
+                unwind_safe(&core.name, || self.load_bytes(core, &load, &host_done, &pin_failed))
             })
             .map_err(|e| (host_done.get(), e));
+            if pin_failed.get() || (res.is_err() && !host_done.get()) {
+                // The home copy is pageable after all, or not there.
+                st.pinned_used -= pinned;
+                st.models.get_mut(&id).expect("registered").pinned -= pinned;
+            }
             let e = st.models.get_mut(&id).expect("registered");
             e.moving = false;
             self.counters.misses.fetch_add(1, Relaxed);
@@ -878,9 +1004,13 @@ impl Inner {
                     if job.drop_dev {
                         e.dev = false;
                     }
-                    if job.spill {
+                    let unpinned = if job.spill {
                         e.host = false;
-                    }
+                        std::mem::take(&mut e.pinned)
+                    } else {
+                        0
+                    };
+                    st.pinned_used -= unpinned;
                     let (d, h) = (job.drop_dev && was_dev, job.spill);
                     if d {
                         st.sub(c.runtime(), dev_charge);
@@ -928,12 +1058,18 @@ impl Inner {
             let d = &mut *data;
             let mut copied = 0;
             // Two phases: copy back what was written on the device, then swap.
+            // (Copying into a packed home in place is safe: until the swap the
+            // device copy is the reference, and a failure retries the copy.)
             let mut fresh = Vec::new();
             for (i, g) in d.groups.iter().enumerate() {
                 if g.current().internal_version() != d.dev_versions[i] {
                     // Written on the device: the home copy must follow.
                     self.failpoint(FailAt::CopyBack)?;
-                    fresh.push((i, g.current().f_to_device(Device::Cpu)?));
+                    if d.pack.is_some() {
+                        d.homes[i].shallow_clone().f_copy_(g.current())?;
+                    } else {
+                        fresh.push((i, g.current().f_to_device(Device::Cpu)?));
+                    }
                     copied += g.bytes;
                 }
             }
@@ -970,6 +1106,7 @@ impl Inner {
                 let empty = Tensor::empty([0i64], (g.kind, Device::Cpu));
                 g.set_data(&empty);
             }
+            d.pack = None;
             tracing::debug!(elapsed = ?start.elapsed(), "spilled");
         }
         self.counters.move_nanos.fetch_add(start.elapsed().as_nanos() as u64, Relaxed);
@@ -978,29 +1115,51 @@ impl Inner {
 
     /// Brings a model to its runtime location. On failure, reports whether the
     /// host part completed (the model is then whole in host memory).
-    fn load_bytes(&self, c: &ModelCore, load: &Load, host_done: &Cell<bool>) -> Result<()> {
+    fn load_bytes(
+        &self,
+        c: &ModelCore,
+        load: &Load,
+        host_done: &Cell<bool>,
+        pin_failed: &Cell<bool>,
+    ) -> Result<()> {
         let mut data = c.data.lock();
         let d = &mut *data;
         let start = Instant::now();
         if load.host {
             let span = tracing::debug_span!("sire.load", model = %c.name, bytes = c.bytes, from = "disk", to = "cpu");
             let _g = span.enter();
-            let read = || -> Result<Vec<Tensor>> {
+            let read = || -> Result<(Vec<Tensor>, Option<Tensor>)> {
                 let keys: Vec<String> = d.groups.iter().map(|g| g.key.clone()).collect();
                 let (path, checked) = match (&d.source, &d.spill_path) {
                     (Some(src), _) => (src.as_path(), false),
                     (None, Some(p)) => (p.as_path(), true),
                     (None, None) => unreachable!("a model off the host has a disk copy"),
                 };
-                let ts = spill::read(path, &keys, checked)?;
+                // A CUDA model's home is read straight into one packed (pinned) buffer.
+                let (ts, pack) = if c.runtime() == Location::Cpu {
+                    (spill::read(path, &keys, checked)?, None)
+                } else {
+                    let (offsets, total) = pack_layout(&d.groups);
+                    let (flat, pinned) = self.alloc_host(total, load.pin, c.device())?;
+                    pin_failed.set(load.pin && !pinned);
+                    let metas: Vec<(Kind, Vec<i64>, u64)> =
+                        d.groups.iter().map(|g| (g.kind, g.shape.clone(), g.bytes)).collect();
+                    let mut dest = |slot: usize| {
+                        let (kind, shape, bytes) = &metas[slot];
+                        pack_view(&flat, offsets[slot], *kind, shape, *bytes)
+                    };
+                    let ts = spill::read_into(path, &keys, checked, Some(&mut dest))?;
+                    (ts, Some(flat))
+                };
                 self.failpoint(FailAt::Load)?;
                 if self.failpoint(FailAt::PanicInLoad).is_err() {
                     panic!("injected panic in a load");
                 }
                 check_shapes(&c.name, path, &d.groups, &ts)?;
-                Ok(ts)
+                Ok((ts, pack))
             };
-            let ts = read()?;
+            let (ts, pack) = read()?;
+            d.pack = pack;
             for (g, t) in d.groups.iter_mut().zip(&ts) {
                 g.set_data(t);
             }
@@ -1014,11 +1173,24 @@ impl Inner {
             let _g = span.enter();
             let t0 = Instant::now();
             let copy = || -> Result<Vec<Tensor>> {
-                let mut out = Vec::with_capacity(d.groups.len());
-                for g in &d.groups {
-                    self.failpoint(FailAt::Load)?;
-                    out.push(g.current().f_to_device_(c.device(), g.kind, true, false)?);
-                }
+                self.failpoint(FailAt::Load)?;
+                let out = match &d.pack {
+                    // One copy of the whole packed home, then views.
+                    Some(flat) => {
+                        let dev = flat.f_to_device_(c.device(), Kind::Uint8, true, false)?;
+                        let (offsets, _) = pack_layout(&d.groups);
+                        d.groups
+                            .iter()
+                            .zip(offsets)
+                            .map(|(g, o)| pack_view(&dev, o, g.kind, &g.shape, g.bytes))
+                            .collect::<Result<Vec<_>>>()?
+                    }
+                    None => d
+                        .groups
+                        .iter()
+                        .map(|g| Ok(g.current().f_to_device_(c.device(), g.kind, true, false)?))
+                        .collect::<Result<Vec<_>>>()?,
+                };
                 if let Device::Cuda(i) = c.device() {
                     tch::Cuda::synchronize(i as i64);
                 }
@@ -1070,8 +1242,9 @@ impl Inner {
             .collect();
         let hits = st.models.values().map(|e| e.core.hits.load(Relaxed)).sum::<u64>()
             + self.counters.retired_hits.load(Relaxed);
+        let pinned = (st.pinned_used, st.pinned_cap);
         drop(st);
-        self.counters.snapshot(pools, hits)
+        self.counters.snapshot(pools, hits, pinned)
     }
 
     pub(crate) fn retire_hits(&self, core: &ModelCore) {
@@ -1096,7 +1269,38 @@ impl Inner {
             assert!(p.used <= p.budget, "{}: used {} > budget {}", p.location, p.used, p.budget);
             assert_eq!(p.used, sum, "{}: used differs from the sum of residents", p.location);
         }
+        let pinned: u64 = st.models.values().map(|e| e.pinned).sum();
+        assert_eq!(st.pinned_used, pinned, "pinned bytes differ from the sum of pinned homes");
+        assert!(st.pinned_used <= st.pinned_cap, "pinned {} > cap {}", st.pinned_used, st.pinned_cap);
+        for e in st.models.values() {
+            assert!(e.pinned == 0 || e.host, "`{}` holds pinned bytes without a host copy", e.core.name);
+        }
     }
+}
+
+/// Alignment of each tensor in a packed buffer (the CUDA allocator's own).
+const PACK_ALIGN: usize = 512;
+
+/// Byte offsets of each group in a packed home copy, and the buffer's length.
+fn pack_layout(groups: &[Group]) -> (Vec<usize>, usize) {
+    let mut end = 0;
+    let offsets = groups
+        .iter()
+        .map(|g| {
+            let at = end;
+            end += (g.bytes as usize).next_multiple_of(PACK_ALIGN);
+            at
+        })
+        .collect();
+    (offsets, end)
+}
+
+/// The tensor of one group inside a packed byte buffer.
+fn pack_view(flat: &Tensor, offset: usize, kind: Kind, shape: &[i64], bytes: u64) -> Result<Tensor> {
+    if bytes == 0 {
+        return Ok(Tensor::f_empty(shape, (kind, flat.device()))?);
+    }
+    Ok(flat.f_narrow(0, offset as i64, bytes as i64)?.f_view_dtype(kind)?.f_view(shape)?)
 }
 
 /// Runs a move, turning a panic (tch panics where libtorch throws) into an
@@ -1328,6 +1532,102 @@ mod placement {
             |loc| -> Vec<String> { s.pool(loc).unwrap().residents.iter().map(|r| r.name.clone()).collect() };
         assert_eq!(names(Location::Cuda(0)), ["a"]);
         assert_eq!(names(Location::Cuda(1)), ["b"]);
+        inner.check_invariants();
+    }
+}
+
+#[cfg(test)]
+mod pinning {
+    use super::*;
+    use crate::TensorSet;
+
+    const KIB: u64 = 1 << 10;
+
+    /// A CUDA pool configured by budget (never touched: nothing here loads to
+    /// the device), a 16 KiB host pool, and pinning simulated with a 10 KiB cap.
+    fn inner(dir: &Path) -> Inner {
+        Inner::new(
+            vec![(Location::Cuda(0), 1 << 30), (Location::Cpu, 16 * KIB), (Location::Disk, 1 << 20)],
+            Some(dir.to_path_buf()),
+            Duration::from_secs(1),
+        )
+        .with_pinning(Pinning::Simulated, 10 * KIB)
+    }
+
+    /// 4 KiB of distinct values, in two tensors (so the home is packed from two groups).
+    fn model(seed: f64) -> TensorSet {
+        let a = Tensor::arange(768, tch::kind::FLOAT_CPU) + seed;
+        let b = Tensor::arange(256, tch::kind::FLOAT_CPU) * seed;
+        TensorSet::new([("a", a), ("b", b)]).unwrap()
+    }
+
+    fn pinned_of(inner: &Inner, core: &ModelCore) -> u64 {
+        inner.state.lock().models[&core.id].pinned
+    }
+
+    #[test]
+    fn home_copies_are_pinned_up_to_the_cap_and_released_with_the_host_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = inner(dir.path());
+        let sets: Vec<TensorSet> = (1..=5).map(|i| model(i as f64)).collect();
+        let want: Vec<(Tensor, Tensor)> =
+            sets.iter().map(|s| (s.get("a").unwrap().copy(), s.get("b").unwrap().copy())).collect();
+        let reg =
+            |i: usize| inner.register(&sets[i], ManageOptions::new().name(format!("m{i}"))).unwrap().core;
+        let m0 = reg(0);
+        let m1 = reg(1);
+        let m2 = reg(2);
+        // 4 + 4 KiB pinned; a third 4 KiB would pass the 10 KiB cap: m2 stays pageable.
+        assert_eq!(
+            (pinned_of(&inner, &m0), pinned_of(&inner, &m1), pinned_of(&inner, &m2)),
+            (4 * KIB, 4 * KIB, 0)
+        );
+        assert_eq!(inner.stats().pinned, 8 * KIB);
+        inner.check_invariants();
+        // The packed home holds the same values (both groups are views into one buffer).
+        for i in 0..3 {
+            assert!(
+                sets[i].get("a").unwrap().equal(&want[i].0) && sets[i].get("b").unwrap().equal(&want[i].1)
+            );
+        }
+        let (pa, pb) =
+            (sets[0].get("a").unwrap().data_ptr() as usize, sets[0].get("b").unwrap().data_ptr() as usize);
+        assert_eq!(pb - pa, 3 * KIB as usize, "b follows a in the packed buffer (3 KiB, 512-aligned)");
+        // m3 fills the host pool (16 KiB); m4 makes room by spilling the LRU, m0,
+        // whose pinned bytes go back to the cap, so m4 is pinned in its place.
+        let m3 = reg(3);
+        let m4 = reg(4);
+        assert_eq!(inner.location_of(&m0), Location::Disk);
+        assert_eq!(pinned_of(&inner, &m0), 0);
+        assert_eq!((pinned_of(&inner, &m3), pinned_of(&inner, &m4)), (0, 4 * KIB));
+        assert_eq!(inner.stats().pinned, 8 * KIB);
+        inner.check_invariants();
+        // Loading m0 again reads its home from disk straight into a packed buffer
+        // (pageable now: 12 KiB would pass the cap); the device step then fails
+        // here (no GPU) but the home copy stays whole in host memory.
+        let res = inner.acquire(&m0, Wait::No);
+        assert!(res.is_err(), "no CUDA device on this machine");
+        inner.check_invariants();
+        assert_eq!(inner.location_of(&m0), Location::Cpu);
+        assert!(sets[0].get("a").unwrap().equal(&want[0].0) && sets[0].get("b").unwrap().equal(&want[0].1));
+        assert!(inner.stats().pinned <= 10 * KIB);
+        // Unregistering releases pinned bytes.
+        let before = inner.stats().pinned;
+        let p4 = pinned_of(&inner, &m4);
+        inner.unregister(&m4);
+        assert_eq!(inner.stats().pinned, before - p4);
+        inner.check_invariants();
+        drop((m1, m2, m3));
+    }
+
+    #[test]
+    fn cpu_models_are_never_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = inner(dir.path());
+        let s = model(1.0);
+        let c = inner.register(&s, ManageOptions::new().runtime(Location::Cpu)).unwrap().core;
+        assert_eq!(pinned_of(&inner, &c), 0);
+        assert_eq!(inner.stats().pinned, 0);
         inner.check_invariants();
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::budget;
 use crate::error::fmt_bytes;
 use crate::ffi;
-use crate::manager::Inner;
+use crate::manager::{Inner, Pinning};
 use crate::{Error, Location, ManageOptions, Managed, ResourceUser, Result, Stats};
 
 /// Owns the pools, the managed models, their LRU order and the statistics.
@@ -102,6 +102,14 @@ impl fmt::Display for ResourcePoolManagement {
 /// | host memory | [`cpu_budget`](Builder::cpu_budget) | `SIRE_CPU_BUDGET` | available (cgroup-aware) − max(512 MiB, 10%) |
 /// | disk | [`disk_budget`](Builder::disk_budget) | `SIRE_DISK_BUDGET` | free space − max(1 GiB, 5%) |
 /// | spill directory | [`spill_dir`](Builder::spill_dir) | `SIRE_SPILL_DIR` | `$TMPDIR/sire` |
+/// | pinned home copies | [`pinned_cap`](Builder::pinned_cap) | `SIRE_PINNED_CAP` | half the host budget |
+///
+/// The home copies (host weights) of models that run on a CUDA device are
+/// kept in page-locked ("pinned") memory, which the GPU copies from at full
+/// bandwidth and asynchronously, up to the pinned cap; beyond it they are
+/// pageable (correct, slower to load). Pinned memory cannot be swapped out, so
+/// the cap protects the rest of the system. Pinned bytes are part of the host
+/// pool, not in addition to it. Without a CUDA device nothing is pinned.
 ///
 /// Environment budgets accept `6GiB`, `6000MB`, plain bytes, or a fraction
 /// (`0.8`, `80%`) of the device total, available host memory or free disk.
@@ -112,6 +120,7 @@ pub struct Builder {
     cuda_budget: Option<u64>,
     cpu_budget: Option<u64>,
     disk_budget: Option<u64>,
+    pinned_cap: Option<u64>,
     spill_dir: Option<PathBuf>,
     disk: bool,
     env: bool,
@@ -125,6 +134,7 @@ impl Default for Builder {
             cuda_budget: None,
             cpu_budget: None,
             disk_budget: None,
+            pinned_cap: None,
             spill_dir: None,
             disk: true,
             env: true,
@@ -155,6 +165,13 @@ impl Builder {
     /// Budget in bytes for the spill directory.
     pub fn disk_budget(mut self, bytes: u64) -> Self {
         self.disk_budget = Some(bytes);
+        self
+    }
+
+    /// At most this many bytes of home copies in pinned host memory (see the
+    /// table above; 0 turns pinning off).
+    pub fn pinned_cap(mut self, bytes: u64) -> Self {
+        self.pinned_cap = Some(bytes);
         self
     }
 
@@ -220,6 +237,13 @@ impl Builder {
             (None, None) => budget::default_cpu_budget(avail),
         };
         pools.push((Location::Cpu, cpu));
+        let any_cuda = pools.iter().any(|(l, _)| matches!(l, Location::Cuda(_)));
+        let pinned_cap = match (self.pinned_cap, self.env_budget("SIRE_PINNED_CAP", Some(cpu))?) {
+            (Some(b), _) | (None, Some(b)) => b,
+            (None, None) => cpu / 2,
+        }
+        .min(cpu);
+        let pinning = if any_cuda { Pinning::Cuda } else { Pinning::Off };
         let mut spill = None;
         if self.disk {
             let root = match (&self.spill_dir, self.env.then(|| std::env::var_os("SIRE_SPILL_DIR")).flatten())
@@ -238,7 +262,8 @@ impl Builder {
             pools.push((Location::Disk, disk));
             spill = Some(dir);
         }
-        Ok(ResourcePoolManagement { inner: Arc::new(Inner::new(pools, spill, self.wait_timeout)) })
+        let inner = Inner::new(pools, spill, self.wait_timeout).with_pinning(pinning, pinned_cap);
+        Ok(ResourcePoolManagement { inner: Arc::new(inner) })
     }
 
     fn env_budget(&self, var: &str, total: Option<u64>) -> Result<Option<u64>> {

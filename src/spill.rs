@@ -134,6 +134,22 @@ pub(crate) fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<u64> {
 /// more are asked for transparent huge pages, which makes faulting in their
 /// fresh memory, the main cost of the copy, several times cheaper.
 pub(crate) fn read(path: &Path, names: &[String], require_checksum: bool) -> Result<Vec<Tensor>> {
+    read_into(path, names, require_checksum, None)
+}
+
+/// Where [`read_into`] puts tensor `slot`: a contiguous CPU tensor that the
+/// caller allocated (a view into a packed, possibly pinned, home copy).
+pub(crate) type Dest<'a> = &'a mut dyn FnMut(usize) -> Result<Tensor>;
+
+/// [`read`], copying each tensor straight from the mapping into `dest(slot)`
+/// when given (no intermediate buffer). A destination whose size, dtype or
+/// layout does not match the file is a [`Error::Corrupt`] before any copy.
+pub(crate) fn read_into(
+    path: &Path,
+    names: &[String],
+    require_checksum: bool,
+    mut dest: Option<Dest<'_>>,
+) -> Result<Vec<Tensor>> {
     let corrupt = |detail: String| Error::Corrupt { path: path.to_owned(), detail };
     let file = File::open(path)?;
     let len = file.metadata()?.len();
@@ -193,7 +209,29 @@ pub(crate) fn read(path: &Path, names: &[String], require_checksum: bool) -> Res
     let mut copier = Copier { map: &map, path, page: page_size(), populate: true };
     let mut out: Vec<Option<Tensor>> = names.iter().map(|_| None).collect();
     for job in &jobs {
-        out[job.slot] = Some(copier.tensor(job)?);
+        let given = match dest.as_mut() {
+            Some(f) => {
+                let t = f(job.slot)?;
+                if t.device() != Device::Cpu
+                    || t.kind() != job.kind
+                    || t.size() != job.shape
+                    || !t.is_contiguous()
+                    || byte_len(&t) != job.range.len()
+                {
+                    return Err(corrupt(format!(
+                        "tensor `{}` is {:?} {:?} in the file but the destination is {:?} {:?}",
+                        job.name,
+                        job.kind,
+                        job.shape,
+                        t.kind(),
+                        t.size()
+                    )));
+                }
+                Some(t)
+            }
+            None => None,
+        };
+        out[job.slot] = Some(copier.tensor(job, given)?);
     }
     Ok(out.into_iter().map(|t| t.expect("every requested tensor was read")).collect())
 }
@@ -312,13 +350,19 @@ struct Copier<'a> {
 impl Copier<'_> {
     /// Makes the tensor `job` describes from its bytes in the file, verifying
     /// its checksum if it has one, and releases the file's pages behind it.
-    fn tensor(&mut self, job: &Job<'_>) -> Result<Tensor> {
+    fn tensor(&mut self, job: &Job<'_>, given: Option<Tensor>) -> Result<Tensor> {
         let corrupt = |detail: String| Error::Corrupt { path: self.path.to_owned(), detail };
-        let tensor = Tensor::f_empty(job.shape.as_slice(), (job.kind, Device::Cpu))?;
-        debug_assert_eq!(byte_len(&tensor), job.range.len());
+        let fresh = given.is_none();
+        let tensor = match given {
+            Some(t) => t,
+            None => Tensor::f_empty(job.shape.as_slice(), (job.kind, Device::Cpu))?,
+        };
+        assert_eq!(byte_len(&tensor), job.range.len(), "destination size checked by the caller");
         let mut hasher = job.checksum.map(|_| Xxh3::new());
         let dst = tensor.data_ptr().cast::<u8>();
-        self.prefer_huge_pages(dst, job.range.len());
+        if fresh {
+            self.prefer_huge_pages(dst, job.range.len());
+        }
         let mut pos = job.range.start;
         while pos < job.range.end {
             // Windows end on multiples of WINDOW in the file, so only the last
@@ -328,10 +372,12 @@ impl Copier<'_> {
                 .map_err(|e| corrupt(format!("cannot read tensor `{}`: {e}", job.name)))?;
             for start in (pos..end).step_by(CHUNK) {
                 let src = &self.map[start..(start + CHUNK).min(end)];
-                // SAFETY: `dst` points at the `job.range.len()` bytes of the
-                // contiguous CPU tensor allocated above, whose only handle is
-                // here; `start - job.range.start + src.len()` is at most that
-                // length, and a file mapping cannot overlap the allocation.
+                // SAFETY: `dst` points at the `job.range.len()` bytes of a
+                // contiguous CPU tensor (allocated above, or a destination the
+                // caller handed over for this read and checked for size and
+                // contiguity), which nothing else touches during the read;
+                // `start - job.range.start + src.len()` is at most that length,
+                // and a file mapping cannot overlap the allocation.
                 let copied = unsafe {
                     let at = dst.add(start - job.range.start);
                     std::ptr::copy_nonoverlapping(src.as_ptr(), at, src.len());

@@ -30,6 +30,10 @@ pub struct Stats {
     pub bytes_from_disk: u64,
     /// Wall time spent moving bytes, summed over all moves.
     pub time_moving: Duration,
+    /// Bytes of home copies held in pinned host memory (part of the host pool's `used`).
+    pub pinned: u64,
+    /// The most that may be pinned ([`Builder::pinned_cap`](crate::Builder::pinned_cap)).
+    pub pinned_cap: u64,
 }
 
 /// One pool in a [`Stats`] snapshot.
@@ -89,7 +93,7 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    pub(crate) fn snapshot(&self, pools: Vec<PoolStats>, hits: u64) -> Stats {
+    pub(crate) fn snapshot(&self, pools: Vec<PoolStats>, hits: u64, pinned: (u64, u64)) -> Stats {
         Stats {
             pools,
             hits,
@@ -100,6 +104,8 @@ impl Counters {
             bytes_to_disk: self.bytes_to_disk.load(Relaxed),
             bytes_from_disk: self.bytes_from_disk.load(Relaxed),
             time_moving: Duration::from_nanos(self.move_nanos.load(Relaxed)),
+            pinned: pinned.0,
+            pinned_cap: pinned.1,
         }
     }
 }
@@ -144,11 +150,13 @@ impl fmt::Display for Stats {
         )?;
         write!(
             f,
-            "bytes: host->device {}  device->host {}  to disk {}  from disk {}",
+            "bytes: host->device {}  device->host {}  to disk {}  from disk {}  pinned {} of {}",
             fmt_bytes(self.bytes_host_to_device),
             fmt_bytes(self.bytes_device_to_host),
             fmt_bytes(self.bytes_to_disk),
-            fmt_bytes(self.bytes_from_disk)
+            fmt_bytes(self.bytes_from_disk),
+            fmt_bytes(self.pinned),
+            fmt_bytes(self.pinned_cap)
         )
     }
 }
