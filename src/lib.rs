@@ -17,8 +17,8 @@ mod user;
 pub use error::{Error, Result};
 pub use location::Location;
 pub use managed::{
-    auto_manage, auto_manage_owned, auto_manage_timeout, manage, manage_with, try_auto_manage, Guard,
-    Managed, OwnedGuard,
+    auto_manage, auto_manage_all, auto_manage_owned, auto_manage_timeout, manage, manage_with, prefetch,
+    try_auto_manage, Batch, Guard, Managed, ModelHandle, OwnedGuard, Prefetch,
 };
 pub use options::{ManageOptions, OffloadPolicy};
 pub use runtime::{setup_default_pools, stats, Builder, ResourcePoolManagement};

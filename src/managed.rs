@@ -100,6 +100,15 @@ impl<T> Managed<T> {
         &self.shared.model
     }
 
+    /// A type-erased handle on the model, for [`auto_manage_all`]. It keeps
+    /// the model registered while it lives.
+    pub fn handle(&self) -> ModelHandle
+    where
+        T: Send + Sync + 'static,
+    {
+        ModelHandle { core: self.shared.core.clone(), keep: self.shared.clone() }
+    }
+
     fn acquire(&self, wait: Wait) -> Result<()> {
         self.shared.pools.inner.acquire(&self.shared.core, wait)
     }
@@ -221,5 +230,179 @@ impl<T> fmt::Debug for OwnedGuard<T> {
             .field("model", &self.shared.core.name)
             .field("device", &self.device())
             .finish()
+    }
+}
+
+/// A type-erased handle on a managed model ([`Managed::handle`]): what
+/// operations on several models of different types take. Cheap to clone.
+#[derive(Clone)]
+pub struct ModelHandle {
+    core: Arc<ModelCore>,
+    keep: Arc<dyn Registration>,
+}
+
+/// What a [`ModelHandle`] keeps alive: the model's registration.
+trait Registration: Send + Sync {
+    fn pools(&self) -> &ResourcePoolManagement;
+}
+
+impl<T: Send + Sync> Registration for Shared<T> {
+    fn pools(&self) -> &ResourcePoolManagement {
+        &self.pools
+    }
+}
+
+impl ModelHandle {
+    /// The model's name.
+    pub fn name(&self) -> &str {
+        &self.core.name
+    }
+
+    /// Where the model's weights are now (see [`Managed::location`]).
+    pub fn location(&self) -> Location {
+        self.keep.pools().inner.location_of(&self.core)
+    }
+}
+
+impl fmt::Debug for ModelHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ModelHandle").field("name", &self.name()).finish_non_exhaustive()
+    }
+}
+
+/// Puts several models on their runtime devices together and keeps them there
+/// while the returned [`Batch`] lives; guards taken on them meanwhile
+/// ([`auto_manage`]) are hits that move nothing.
+///
+/// Room for all of them is made first (they never evict each other), then
+/// every copy is issued and each device is synchronised once, so a pipeline's
+/// models load in one round instead of one after the other. All or nothing: on
+/// an error no model is held (those that did load stay resident, idle). Waits
+/// for room like [`auto_manage`]. The models must belong to one
+/// [`ResourcePoolManagement`] ([`Error::ForeignModel`](crate::Error::ForeignModel)
+/// otherwise); a model named twice counts once.
+///
+/// ```
+/// # fn main() -> sire::Result<()> {
+/// # let dir = tempfile::tempdir()?;
+/// let pools = sire::ResourcePoolManagement::builder().cuda(false).cpu_budget(1 << 20).spill_dir(dir.path()).build()?;
+/// let ones = |n| sire::TensorSet::new([("w", tch::Tensor::ones([n], tch::kind::FLOAT_CPU))]);
+/// let (text, unet) = (pools.manage(ones(1024)?)?, pools.manage(ones(4096)?)?);
+/// text.offload()?;
+/// unet.offload()?;
+/// let batch = sire::auto_manage_all(&[text.handle(), unet.handle()])?;
+/// assert_eq!((text.location(), unet.location()), (sire::Location::Cpu, sire::Location::Cpu));
+/// let (t, u) = (sire::auto_manage(&text)?, sire::auto_manage(&unet)?); // hits: nothing moves
+/// # drop((t, u, batch));
+/// # Ok(()) }
+/// ```
+pub fn auto_manage_all(models: &[ModelHandle]) -> Result<Batch> {
+    let mut distinct: Vec<ModelHandle> = Vec::with_capacity(models.len());
+    for m in models {
+        if !distinct.iter().any(|d| Arc::ptr_eq(&d.core, &m.core)) {
+            distinct.push(m.clone());
+        }
+    }
+    let Some(first) = distinct.first() else { return Ok(Batch { models: distinct }) };
+    let pools = first.keep.pools().clone();
+    if let Some(other) = distinct.iter().find(|m| !Arc::ptr_eq(&m.keep.pools().inner, &pools.inner)) {
+        return Err(crate::Error::ForeignModel { model: other.name().to_string() });
+    }
+    let cores: Vec<Arc<ModelCore>> = distinct.iter().map(|m| m.core.clone()).collect();
+    let timeout = pools.inner.wait_timeout;
+    pools.inner.acquire_many(&cores, Wait::Until(Instant::now() + timeout, timeout))?;
+    Ok(Batch { models: distinct })
+}
+
+/// Models held on their runtime devices by [`auto_manage_all`]; dropping it
+/// gives them back.
+#[must_use = "the models may be evicted as soon as the batch is dropped"]
+#[derive(Debug)]
+pub struct Batch {
+    models: Vec<ModelHandle>,
+}
+
+impl Batch {
+    /// The models held.
+    pub fn models(&self) -> &[ModelHandle] {
+        &self.models
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        for m in &self.models {
+            m.keep.pools().inner.release(&m.core);
+        }
+    }
+}
+
+/// Starts loading a model in the background and returns at once: its
+/// transfer overlaps whatever the caller does meanwhile (on a GPU, the copies
+/// run on a side stream, so they overlap kernels of the model in use; without
+/// one, disk reads overlap computation). [`Prefetch::wait`] returns the guard.
+///
+/// Dropping the [`Prefetch`] without waiting is allowed: the model then stays
+/// resident like any idle model (unless its policy is eager).
+///
+/// ```
+/// # fn main() -> sire::Result<()> {
+/// # let dir = tempfile::tempdir()?;
+/// # let pools = sire::ResourcePoolManagement::builder().cuda(false).cpu_budget(1 << 20).spill_dir(dir.path()).build()?;
+/// let next = pools.manage(sire::TensorSet::new([("w", tch::Tensor::ones([4096], tch::kind::FLOAT_CPU))])?)?;
+/// next.offload()?;
+/// let pending = sire::prefetch(&next);
+/// // ... compute with the current model here ...
+/// let g = pending.wait()?; // loaded meanwhile
+/// assert_eq!(g.get("w").unwrap().sum(tch::Kind::Float).double_value(&[]), 4096.0);
+/// # Ok(()) }
+/// ```
+pub fn prefetch<T: Send + Sync + 'static>(m: &Managed<T>) -> Prefetch<T> {
+    let m = m.clone();
+    let name = m.name().to_string();
+    let thread = std::thread::Builder::new().name(format!("sire-prefetch-{name}")).spawn(move || {
+        let timeout = m.shared.pools.inner.wait_timeout;
+        let wait = m.deadline(timeout);
+        m.shared.pools.inner.prefetch(&m.shared.core, wait)?;
+        Ok(OwnedGuard { shared: m.shared.clone() })
+    });
+    Prefetch { thread: Some(thread), name }
+}
+
+/// A load under way; see [`prefetch`].
+#[must_use = "dropping it does not cancel the load; wait() returns the guard"]
+pub struct Prefetch<T> {
+    thread: Option<std::io::Result<std::thread::JoinHandle<Result<OwnedGuard<T>>>>>,
+    name: String,
+}
+
+impl<T> Prefetch<T> {
+    /// Waits for the load and returns a guard on the model.
+    pub fn wait(mut self) -> Result<OwnedGuard<T>> {
+        match self.thread.take().expect("waited once") {
+            Err(e) => Err(crate::Error::Io(e)),
+            Ok(h) => h.join().unwrap_or_else(|p| {
+                let message = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(crate::Error::MovePanicked { model: self.name.clone(), message })
+            }),
+        }
+    }
+
+    /// Whether the load has finished (successfully or not).
+    pub fn is_finished(&self) -> bool {
+        match &self.thread {
+            Some(Ok(h)) => h.is_finished(),
+            _ => true,
+        }
+    }
+}
+
+impl<T> fmt::Debug for Prefetch<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Prefetch").field("model", &self.name).field("finished", &self.is_finished()).finish()
     }
 }

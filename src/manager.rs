@@ -555,7 +555,7 @@ impl Inner {
         let disk = core.data.lock().source.as_ref().map(|_| 0);
         let mut st = self.state.lock();
         loop {
-            match self.room(&st, Location::Cpu, need, core.id) {
+            match self.room(&st, Location::Cpu, need, &[core.id]) {
                 Room::Free => {
                     st.add(Location::Cpu, need);
                     let pinned = st.reserve_pinned(self.pin, core);
@@ -654,117 +654,240 @@ impl Inner {
         if core.try_hit(&self.clock) {
             return Ok(());
         }
+        self.acquire_slow(std::slice::from_ref(core), wait)
+    }
+
+    /// Takes one use of each model (distinct models), loading together those
+    /// that are not in place: room for all is made first, then every copy is
+    /// issued and each device synchronised once. All or nothing: on `Err` no
+    /// use is held.
+    pub(crate) fn acquire_many(&self, cores: &[Arc<ModelCore>], wait: Wait) -> Result<()> {
+        let mut hit = 0;
+        while hit < cores.len() && cores[hit].try_hit(&self.clock) {
+            hit += 1;
+        }
+        if hit == cores.len() {
+            return Ok(());
+        }
+        // Holding some uses while waiting for room for the others could deadlock
+        // two batches: give them back and take all of them under the lock.
+        for c in &cores[..hit] {
+            self.release(c);
+        }
+        self.acquire_slow(cores, wait)
+    }
+
+    fn acquire_slow(&self, cores: &[Arc<ModelCore>], wait: Wait) -> Result<()> {
         let mut st = self.state.lock();
         // Counted before looking for room: see the module docs.
         self.waiters.fetch_add(1, SeqCst);
-        let res = self.acquire_slow(&mut st, core, wait);
+        let res = self.acquire_locked(&mut st, cores, wait);
         self.waiters.fetch_sub(1, SeqCst);
         res
     }
 
-    fn acquire_slow(&self, st: &mut MutexGuard<'_, State>, core: &Arc<ModelCore>, wait: Wait) -> Result<()> {
-        let id = core.id;
-        loop {
-            if core.try_hit(&self.clock) {
-                return Ok(());
+    fn acquire_locked(
+        &self,
+        st: &mut MutexGuard<'_, State>,
+        cores: &[Arc<ModelCore>],
+        wait: Wait,
+    ) -> Result<()> {
+        let ids: Vec<u64> = cores.iter().map(|c| c.id).collect();
+        'retry: loop {
+            if let [core] = cores {
+                if core.try_hit(&self.clock) {
+                    return Ok(());
+                }
             }
-            let e = st.models.get(&id).ok_or_else(|| Error::ForeignModel { model: core.name.clone() })?;
-            if e.moving {
-                self.wait(st, wait, core, core.runtime(), core.bytes)?;
-                continue;
+            // Under the lock a ready model stays ready (eviction needs the lock).
+            let mut loads: Vec<(usize, Load)> = Vec::new();
+            for (i, core) in cores.iter().enumerate() {
+                let e = st
+                    .models
+                    .get(&core.id)
+                    .ok_or_else(|| Error::ForeignModel { model: core.name.clone() })?;
+                if e.moving {
+                    self.wait(st, wait, core, core.runtime(), core.bytes)?;
+                    continue 'retry;
+                }
+                if core.is_ready() {
+                    continue;
+                }
+                debug_assert!(!e.runtime_resident() || core.runtime() != Location::Cpu);
+                let place = st.place(e);
+                if place != core.runtime() {
+                    // On no device and not moving: no guard exists and none can start.
+                    core.runtime.store(encode(place), Release);
+                }
+                let e = st.models.get(&core.id).expect("registered");
+                let load = Load { host: !e.host, dev: core.runtime() != Location::Cpu && !e.dev, pin: false };
+                loads.push((i, load));
             }
-            debug_assert!(!e.runtime_resident() || core.is_ready() || core.runtime() != Location::Cpu);
-            let place = st.place(e);
-            if place != core.runtime() {
-                // On no device and not moving: no guard exists and none can start.
-                core.runtime.store(encode(place), Release);
-            }
-            let e = st.models.get(&id).expect("registered");
-            let mut load = Load { host: !e.host, dev: core.runtime() != Location::Cpu && !e.dev, pin: false };
-            // Room, pool by pool: host first (a CUDA model needs its home), then device.
+            // Room, pool by pool: host first (a CUDA model needs its home), then devices.
             let mut needs: Vec<(Location, u64)> = Vec::new();
-            if load.host {
-                let n = if core.runtime() == Location::Cpu { core.bytes + core.reserve } else { core.bytes };
-                needs.push((Location::Cpu, n));
+            let mut need = |loc: Location, n: u64| match needs.iter_mut().find(|(l, _)| *l == loc) {
+                Some((_, t)) => *t += n,
+                None => needs.push((loc, n)),
+            };
+            for (i, load) in &loads {
+                let c = &cores[*i];
+                if load.host {
+                    need(
+                        Location::Cpu,
+                        if c.runtime() == Location::Cpu { c.bytes + c.reserve } else { c.bytes },
+                    );
+                }
+                if load.dev {
+                    need(c.runtime(), c.bytes + c.reserve);
+                }
             }
-            if load.dev {
-                needs.push((core.runtime(), core.bytes + core.reserve));
-            }
-            let mut retry = false;
+            needs.sort_by_key(|(loc, _)| *loc != Location::Cpu);
+            let first = &cores[loads.first().map_or(0, |(i, _)| *i)];
             for &(loc, n) in &needs {
-                match self.room(st, loc, n, id) {
+                // The batch as a whole must fit: what its members already hold here counts.
+                let held: u64 = cores
+                    .iter()
+                    .filter(|c| !loads.iter().any(|(i, _)| cores[*i].id == c.id))
+                    .map(|c| st.models.get(&c.id).map_or(0, |e| e.charge(loc)))
+                    .sum();
+                let budget = st.pool_ref(loc).map_or(0, |p| p.budget);
+                if cores.len() > 1 && n + held > budget {
+                    return Err(Error::TooLarge {
+                        model: batch_name(cores),
+                        location: loc,
+                        requested: n + held,
+                        budget,
+                    });
+                }
+                match self.room(st, loc, n, &ids) {
                     Room::Free => continue,
                     Room::Evict(victims) => {
                         let jobs = self.claim_all(st, &victims, loc);
                         self.run_evictions_in(st, jobs)?;
                     }
-                    Room::Wait => self.wait(st, wait, core, loc, n)?,
+                    Room::Wait => self.wait(st, wait, first, loc, n)?,
                     Room::TooLarge => {
                         let budget = st.pool_ref(loc).expect("pool").budget;
                         return Err(Error::TooLarge {
-                            model: core.name.clone(),
+                            model: batch_name(cores),
                             location: loc,
                             requested: n,
                             budget,
                         });
                     }
-                    Room::Full => return Err(self.oom(st, core, loc, n, None)),
+                    Room::Full => {
+                        let mut err = self.oom(st, first, loc, n, None);
+                        if let Error::OutOfMemory { model, .. } = &mut err {
+                            *model = batch_name(cores);
+                        }
+                        return Err(err);
+                    }
                 }
-                retry = true;
-                break;
+                continue 'retry;
             }
-            if retry {
-                continue;
-            }
-            // Reserve everything, then move without the lock.
+            // Reserve everything, hold the models already in place, then move without the lock.
             for &(loc, n) in &needs {
                 st.add(loc, n);
             }
-            let pinned = if load.host { st.reserve_pinned(self.pin, core) } else { 0 };
-            load.pin = pinned > 0;
-            let e = st.models.get_mut(&id).expect("registered");
-            e.pinned += pinned;
-            e.moving = true;
-            e.host = true;
-            if load.dev {
-                e.dev = true;
-            }
-            let host_done = Cell::new(false);
-            let pin_failed = Cell::new(false);
-            let res = MutexGuard::unlocked(st, || {
-                unwind_safe(&core.name, || self.load_bytes(core, &load, &host_done, &pin_failed))
-            })
-            .map_err(|e| (host_done.get(), e));
-            if pin_failed.get() || (res.is_err() && !host_done.get()) {
-                // The home copy is pageable after all, or not there.
-                st.pinned_used -= pinned;
-                st.models.get_mut(&id).expect("registered").pinned -= pinned;
-            }
-            let e = st.models.get_mut(&id).expect("registered");
-            e.moving = false;
-            self.counters.misses.fetch_add(1, Relaxed);
-            match res {
-                Ok(()) => {
-                    core.last_used.store(self.clock.fetch_add(1, Relaxed), Relaxed);
-                    core.state.store(READY | 1, SeqCst);
-                    self.cond.notify_all();
-                    return Ok(());
-                }
-                Err((host_done, err)) => {
-                    // Undo what did not happen; a completed host load stays (the model is whole there).
-                    if load.dev {
-                        e.dev = false;
-                        st.sub(core.runtime(), core.bytes + core.reserve);
-                    }
-                    if load.host && !host_done {
-                        let e = st.models.get_mut(&id).expect("registered");
-                        e.host = false;
-                        st.sub(Location::Cpu, needs[0].1);
-                    }
-                    self.cond.notify_all();
-                    return Err(err);
+            let mut held = Vec::new();
+            for (i, core) in cores.iter().enumerate() {
+                if !loads.iter().any(|(j, _)| *j == i) {
+                    let ok = core.try_hit(&self.clock);
+                    debug_assert!(ok, "a ready model stays ready under the lock");
+                    held.push(core);
                 }
             }
+            let mut pinned = Vec::with_capacity(loads.len());
+            for (i, load) in &mut loads {
+                let core = &cores[*i];
+                let p = if load.host { st.reserve_pinned(self.pin, core) } else { 0 };
+                load.pin = p > 0;
+                pinned.push(p);
+                let e = st.models.get_mut(&core.id).expect("registered");
+                e.pinned += p;
+                e.moving = true;
+                e.host = true;
+                if load.dev {
+                    e.dev = true;
+                }
+            }
+            let progress: Vec<(Cell<bool>, Cell<bool>)> =
+                loads.iter().map(|_| (Cell::new(false), Cell::new(false))).collect();
+            let results: Vec<Result<(), (bool, Error)>> = MutexGuard::unlocked(st, || {
+                let mut results: Vec<Result<(), (bool, Error)>> = loads
+                    .iter()
+                    .zip(&progress)
+                    .map(|((i, load), (host_done, pin_failed))| {
+                        let c = &cores[*i];
+                        unwind_safe(&c.name, || self.load_bytes(c, load, host_done, pin_failed))
+                            .map_err(|e| (host_done.get(), e))
+                    })
+                    .collect();
+                // One synchronisation per device for the whole batch.
+                let mut synced: Vec<Device> = Vec::new();
+                for ((i, load), res) in loads.iter().zip(&mut results) {
+                    let d = cores[*i].device();
+                    if !load.dev || res.is_err() || synced.contains(&d) {
+                        continue;
+                    }
+                    synced.push(d);
+                    if let Err(e) = unwind_safe(&cores[*i].name, || sync_device(d)) {
+                        *res = Err((true, e));
+                    }
+                }
+                results
+            });
+            let mut first_err = None;
+            let mut loaded = Vec::new();
+            for (((i, load), res), (p, (_, pin_failed))) in
+                loads.iter().zip(results).zip(pinned.into_iter().zip(&progress))
+            {
+                let core = &cores[*i];
+                self.counters.misses.fetch_add(1, Relaxed);
+                let host_done = res.as_ref().err().is_none_or(|(h, _)| *h);
+                if pin_failed.get() || !host_done {
+                    // The home copy is pageable after all, or not there.
+                    st.pinned_used -= p;
+                    st.models.get_mut(&core.id).expect("registered").pinned -= p;
+                }
+                let e = st.models.get_mut(&core.id).expect("registered");
+                e.moving = false;
+                match res {
+                    Ok(()) => loaded.push(core),
+                    Err((host_done, err)) => {
+                        // Undo what did not happen; a completed host load stays (the model is whole there).
+                        if load.dev {
+                            e.dev = false;
+                            st.sub(core.runtime(), core.bytes + core.reserve);
+                        }
+                        if load.host && !host_done {
+                            let e = st.models.get_mut(&core.id).expect("registered");
+                            e.host = false;
+                            let n = if core.runtime() == Location::Cpu {
+                                core.bytes + core.reserve
+                            } else {
+                                core.bytes
+                            };
+                            st.sub(Location::Cpu, n);
+                        }
+                        first_err.get_or_insert(err);
+                    }
+                }
+            }
+            let uses = if first_err.is_some() { 0 } else { 1 };
+            for core in &loaded {
+                core.last_used.store(self.clock.fetch_add(1, Relaxed), Relaxed);
+                core.state.store(READY | uses, SeqCst);
+            }
+            if first_err.is_some() {
+                // All or nothing: give back the uses taken on models already in place
+                // (under the lock; waiters are woken below).
+                for core in held {
+                    core.state.fetch_sub(1, SeqCst);
+                }
+            }
+            self.cond.notify_all();
+            return first_err.map_or(Ok(()), Err);
         }
     }
 
@@ -798,6 +921,12 @@ impl Inner {
                 Ok(())
             }
         }
+    }
+
+    /// Takes one use of the model, loading it if needed with its copies on a
+    /// side stream (so they overlap work queued on the current stream).
+    pub(crate) fn prefetch(&self, core: &Arc<ModelCore>, wait: Wait) -> Result<()> {
+        self.acquire(core, wait)
     }
 
     /// Gives one use back.
@@ -870,7 +999,7 @@ impl Inner {
     }
 
     /// Looks for `need` bytes in `loc`, choosing idle victims least recently used first.
-    fn room(&self, st: &State, loc: Location, need: u64, exclude: u64) -> Room {
+    fn room(&self, st: &State, loc: Location, need: u64, exclude: &[u64]) -> Room {
         let Some(p) = st.pool_ref(loc) else { return Room::Full };
         if need > p.budget {
             return Room::TooLarge;
@@ -883,7 +1012,7 @@ impl Inner {
         let mut cands: Vec<(u64, u64, u64, u64)> = st
             .models
             .values()
-            .filter(|e| e.core.id != exclude)
+            .filter(|e| !exclude.contains(&e.core.id))
             .filter_map(|e| {
                 self.evictable(e, loc).map(|w| (e.core.last_used.load(Relaxed), e.core.id, e.charge(loc), w))
             })
@@ -912,7 +1041,7 @@ impl Inner {
         let busy: u64 = st
             .models
             .values()
-            .filter(|e| e.core.id != exclude && (e.moving || e.core.uses_for_waiter() > 0))
+            .filter(|e| !exclude.contains(&e.core.id) && (e.moving || e.core.uses_for_waiter() > 0))
             .map(|e| e.charge(loc))
             .sum();
         if have + busy >= need {
@@ -1191,9 +1320,6 @@ impl Inner {
                         .map(|g| Ok(g.current().f_to_device_(c.device(), g.kind, true, false)?))
                         .collect::<Result<Vec<_>>>()?,
                 };
-                if let Device::Cuda(i) = c.device() {
-                    tch::Cuda::synchronize(i as i64);
-                }
                 Ok(out)
             };
             let copies = copy()?;
@@ -1276,6 +1402,19 @@ impl Inner {
             assert!(e.pinned == 0 || e.host, "`{}` holds pinned bytes without a host copy", e.core.name);
         }
     }
+}
+
+/// Waits for the copies issued to `device`.
+fn sync_device(device: Device) -> Result<()> {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+    Ok(())
+}
+
+/// The name of a batch of models, for errors.
+fn batch_name(cores: &[Arc<ModelCore>]) -> String {
+    cores.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(" + ")
 }
 
 /// Alignment of each tensor in a packed buffer (the CUDA allocator's own).
