@@ -314,9 +314,23 @@ pub(crate) enum Pinning {
     Simulated,
 }
 
+/// Reads a CUDA device's physical state: (driver free bytes, bytes the caching
+/// allocator holds but no tensor uses). `None` when it cannot be read.
+pub(crate) type CudaProbe = Arc<dyn Fn(usize) -> Option<(u64, u64)> + Send + Sync>;
+
+/// Bytes kept physically free on a CUDA device beyond a load (CUDA context
+/// growth, cuBLAS workspaces, the first activations).
+pub(crate) const CUDA_HEADROOM: u64 = 256 << 20;
+
 pub(crate) struct Inner {
     state: Mutex<State>,
     pin: Pinning,
+    /// What the device really has free: budgets alone do not see other
+    /// processes, activations, or the allocator's cache.
+    cuda_probe: Option<CudaProbe>,
+    cuda_headroom: u64,
+    /// Releases the caching allocator's idle blocks to the driver.
+    empty_cache: Option<Arc<dyn Fn() + Send + Sync>>,
     cond: Condvar,
     waiters: AtomicUsize,
     clock: AtomicU64,
@@ -354,6 +368,9 @@ impl Inner {
                 pinned_used: 0,
             }),
             pin: Pinning::Off,
+            cuda_probe: None,
+            cuda_headroom: CUDA_HEADROOM,
+            empty_cache: None,
             cond: Condvar::new(),
             waiters: AtomicUsize::new(0),
             clock: AtomicU64::new(1),
@@ -371,6 +388,42 @@ impl Inner {
         self.pin = pin;
         self.state.get_mut().pinned_cap = cap;
         self
+    }
+
+    /// Makes room decisions on CUDA pools also check the device's physical
+    /// free memory (`probe`), keeping `headroom` bytes free, and releases the
+    /// allocator's cache (`empty_cache`) after evictions that left the driver short.
+    pub(crate) fn with_cuda_probe(
+        mut self,
+        probe: CudaProbe,
+        headroom: u64,
+        empty_cache: Arc<dyn Fn() + Send + Sync>,
+    ) -> Self {
+        self.cuda_probe = Some(probe);
+        self.cuda_headroom = headroom;
+        self.empty_cache = Some(empty_cache);
+        self
+    }
+
+    /// After evictions from a CUDA pool: if the driver itself is short of
+    /// `need` (the freed blocks sit in the caching allocator, where other
+    /// processes cannot use them and a large packed allocation may not fit),
+    /// gives the allocator's idle blocks back to the driver.
+    fn release_cache_if_short(&self, loc: Location, need: u64) {
+        let (Location::Cuda(i), Some(probe), Some(empty)) = (loc, &self.cuda_probe, &self.empty_cache) else {
+            return;
+        };
+        if probe(i).is_some_and(|(free, idle)| idle > 0 && free < need + self.cuda_headroom) {
+            empty();
+            self.counters.cache_releases.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Bytes a load may still take in `loc` physically, if that can be known.
+    fn physical_free(&self, loc: Location) -> Option<u64> {
+        let (Location::Cuda(i), Some(probe)) = (loc, &self.cuda_probe) else { return None };
+        let (free, idle) = probe(i)?;
+        Some((free + idle).saturating_sub(self.cuda_headroom))
     }
 
     pub(crate) fn pools(&self) -> Vec<(Location, u64)> {
@@ -764,6 +817,7 @@ impl Inner {
                     Room::Evict(victims) => {
                         let jobs = self.claim_all(st, &victims, loc);
                         self.run_evictions_in(st, jobs)?;
+                        self.release_cache_if_short(loc, n);
                     }
                     Room::Wait => self.wait(st, wait, first, loc, n)?,
                     Room::TooLarge => {
@@ -1005,6 +1059,10 @@ impl Inner {
             return Room::TooLarge;
         }
         let mut have = p.budget - p.used;
+        if let Some(phys) = self.physical_free(loc) {
+            // Evicting a model frees its bytes in both senses, so the smaller one rules.
+            have = have.min(phys);
+        }
         if have >= need {
             return Room::Free;
         }
@@ -1768,5 +1826,87 @@ mod pinning {
         assert_eq!(pinned_of(&inner, &c), 0);
         assert_eq!(inner.stats().pinned, 0);
         inner.check_invariants();
+    }
+}
+
+#[cfg(test)]
+mod physical {
+    use super::*;
+    use crate::TensorSet;
+    use std::sync::atomic::AtomicBool;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A CUDA pool of 100 MiB holding two idle 20 MiB models (accounting only),
+    /// with the device's physical state given by `phys` (free, idle cache).
+    fn setup(phys: Arc<Mutex<(u64, u64)>>) -> (Inner, Vec<Arc<ModelCore>>, Arc<AtomicBool>) {
+        let emptied = Arc::new(AtomicBool::new(false));
+        let e2 = emptied.clone();
+        let inner = Inner::new(
+            vec![(Location::Cuda(0), 100 * MIB), (Location::Cpu, 1 << 40)],
+            None,
+            Duration::from_secs(1),
+        )
+        .with_cuda_probe(
+            Arc::new(move |_| Some(*phys.lock())),
+            0,
+            Arc::new(move || e2.store(true, SeqCst)),
+        );
+        let mut cores = Vec::new();
+        for name in ["old", "new"] {
+            let set = TensorSet::new([("w", Tensor::zeros([5 * MIB as i64], tch::kind::FLOAT_CPU))]).unwrap();
+            let core = inner.register(&set, ManageOptions::new().name(name)).unwrap().core;
+            let mut st = inner.state.lock();
+            st.add(Location::Cuda(0), core.bytes);
+            st.models.get_mut(&core.id).unwrap().dev = true;
+            core.state.store(READY, SeqCst);
+            core.last_used.store(inner.clock.fetch_add(1, Relaxed), Relaxed);
+            drop(st);
+            cores.push(core);
+        }
+        (inner, cores, emptied)
+    }
+
+    #[test]
+    fn room_on_a_cuda_pool_sees_memory_other_processes_hold() {
+        let phys = Arc::new(Mutex::new((100 * MIB, 0)));
+        let (inner, cores, _) = setup(phys.clone());
+        let room = |need| {
+            let st = inner.state.lock();
+            match inner.room(&st, Location::Cuda(0), need, &[]) {
+                Room::Free => "free".to_string(),
+                Room::Evict(v) => format!("evict {v:?}"),
+                Room::Wait => "wait".into(),
+                Room::TooLarge => "too large".into(),
+                Room::Full => "full".into(),
+            }
+        };
+        // The budget has 60 MiB free and so does the device.
+        assert_eq!(room(30 * MIB), "free");
+        // Another process took all but 15 MiB: the budget alone would say "free",
+        // but 15 MiB more must be freed, so the least recently used model goes.
+        *phys.lock() = (15 * MIB, 0);
+        assert_eq!(room(30 * MIB), format!("evict [{}]", cores[0].id));
+        // The allocator's idle cache counts as free for our own loads.
+        *phys.lock() = (5 * MIB, 10 * MIB);
+        assert_eq!(room(30 * MIB), format!("evict [{}]", cores[0].id));
+        // Even evicting both idle models cannot make 50 MiB here: full.
+        *phys.lock() = (5 * MIB, 0);
+        assert_eq!(room(50 * MIB), "full");
+        // The budget still rules when it is the smaller one.
+        *phys.lock() = (1 << 40, 0);
+        assert_eq!(room(70 * MIB), format!("evict [{}]", cores[0].id));
+    }
+
+    #[test]
+    fn the_allocator_cache_is_released_only_when_the_driver_is_short() {
+        let phys = Arc::new(Mutex::new((100 * MIB, 40 * MIB)));
+        let (inner, _cores, emptied) = setup(phys.clone());
+        inner.release_cache_if_short(Location::Cuda(0), 30 * MIB);
+        assert!(!emptied.load(SeqCst), "the driver has room: the cache is kept for reuse");
+        *phys.lock() = (10 * MIB, 40 * MIB);
+        inner.release_cache_if_short(Location::Cuda(0), 30 * MIB);
+        assert!(emptied.load(SeqCst), "the driver is short: the idle cache goes back to it");
+        assert_eq!(inner.counters.cache_releases.load(Relaxed), 1);
     }
 }

@@ -34,6 +34,9 @@ pub struct Stats {
     pub pinned: u64,
     /// The most that may be pinned ([`Builder::pinned_cap`](crate::Builder::pinned_cap)).
     pub pinned_cap: u64,
+    /// Times the CUDA caching allocator's idle blocks were given back to the
+    /// driver after evictions left it short of a load.
+    pub cache_releases: u64,
 }
 
 /// One pool in a [`Stats`] snapshot.
@@ -88,6 +91,8 @@ pub(crate) struct Counters {
     pub bytes_to_disk: AtomicU64,
     pub bytes_from_disk: AtomicU64,
     pub move_nanos: AtomicU64,
+    /// Times the CUDA caching allocator's idle blocks were given back to the driver.
+    pub cache_releases: AtomicU64,
     /// Hits of models no longer registered.
     pub retired_hits: AtomicU64,
 }
@@ -106,6 +111,7 @@ impl Counters {
             time_moving: Duration::from_nanos(self.move_nanos.load(Relaxed)),
             pinned: pinned.0,
             pinned_cap: pinned.1,
+            cache_releases: self.cache_releases.load(Relaxed),
         }
     }
 }
