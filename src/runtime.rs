@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use crate::budget;
 use crate::error::fmt_bytes;
-use crate::ffi;
 use crate::manager::Inner;
 use crate::{Error, Location, ManageOptions, Managed, ResourceUser, Result, Stats};
 
@@ -187,10 +186,6 @@ impl Builder {
     pub fn build(self) -> Result<ResourcePoolManagement> {
         let mut pools = Vec::new();
         if self.cuda {
-            match ffi::ensure_libtorch_cuda_loaded() {
-                ffi::LoadOutcome::Failed(why) => tracing::warn!(%why, "could not load libtorch_cuda.so"),
-                outcome => tracing::debug!(?outcome, "libtorch_cuda"),
-            }
             let n = if tch::Cuda::is_available() { tch::Cuda::device_count().max(0) as usize } else { 0 };
             if n > 0 {
                 let totals = budget::nvml_totals(n);

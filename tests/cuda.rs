@@ -21,7 +21,9 @@ fn gpu_pools(cuda_budget: u64) -> ResourcePoolManagement {
 }
 
 #[test]
-fn cuda_is_seen_after_setup_in_a_binary_without_the_link_fix() {
+fn cuda_is_seen_before_and_after_setup() {
+    // libtorch_cuda.so is linked through sire's shim: CUDA is registered at start.
+    assert!(tch::Cuda::is_available(), "CUDA not available before setup_default_pools()");
     sire::setup_default_pools().unwrap();
     assert!(tch::Cuda::is_available(), "CUDA not available after setup_default_pools()");
     assert!(tch::Cuda::device_count() >= 1);
@@ -77,4 +79,65 @@ fn mixed_devices_are_rejected() {
         Err(Error::MixedDevices { devices, .. }) => assert!(devices.contains("on_gpu"), "{devices}"),
         other => panic!("expected MixedDevices, got {other:?}"),
     }
+}
+
+// ---- The C++ shim's public calls (device memory, caching allocator) ----
+
+#[test]
+fn device_memory_is_sane() {
+    assert!(tch::Cuda::is_available(), "cuda-tests asked for, but libtorch sees no CUDA device");
+    for d in 0..tch::Cuda::device_count() as usize {
+        let m = sire::device_memory(d).unwrap();
+        assert!(m.total >= 1 << 30, "cuda:{d}: {m:?}");
+        assert!(m.free > 0 && m.free <= m.total, "cuda:{d}: {m:?}");
+        assert!(m.allocated <= m.reserved && m.reserved <= m.total, "cuda:{d}: {m:?}");
+    }
+}
+
+/// Environment variable that turns [`allocator_probe`] on in a child process.
+const ALLOCATOR_PROBE: &str = "SIRE_CUDA_ALLOCATOR_PROBE";
+
+/// Runs [`allocator_probe`] alone in a new process of this test binary: the
+/// caching allocator's counters are per process, and the other tests here
+/// allocate on the GPU at the same time.
+#[test]
+fn allocator_counts_follow_tensors_and_empty_cache_releases() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "allocator_probe", "--test-threads=1", "--nocapture"])
+        .env(ALLOCATOR_PROBE, "1")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("probe ok"), "{text}");
+    assert!(text.contains("1 passed"), "{text}");
+    println!("{text}");
+}
+
+/// A no-op unless [`ALLOCATOR_PROBE`] is set (then it runs alone in its process).
+#[test]
+fn allocator_probe() {
+    if std::env::var_os(ALLOCATOR_PROBE).is_none() {
+        return;
+    }
+    const N: u64 = 256 * MIB;
+    let before = sire::device_memory(0).unwrap();
+    let t = Tensor::zeros([(N / 4) as i64], (Kind::Float, Device::Cuda(0)));
+    let with = sire::device_memory(0).unwrap();
+    assert!(with.allocated >= before.allocated + N, "allocated did not grow by {N}: {before:?} -> {with:?}");
+    assert!(with.reserved >= before.reserved + N, "reserved did not grow by {N}: {before:?} -> {with:?}");
+    drop(t);
+    let after = sire::device_memory(0).unwrap();
+    assert!(after.allocated + N <= with.allocated, "allocated did not fall by {N}: {with:?} -> {after:?}");
+    assert_eq!(after.reserved, with.reserved, "the freed block stays cached until empty_cache");
+    sire::empty_cache().unwrap();
+    let emptied = sire::device_memory(0).unwrap();
+    assert!(
+        emptied.reserved + N <= after.reserved,
+        "empty_cache did not release {N}: {after:?} -> {emptied:?}"
+    );
+    assert_eq!(emptied.allocated, after.allocated);
+    println!(
+        "probe ok: before {before:?}, with {with:?}, after drop {after:?}, after empty_cache {emptied:?}"
+    );
 }
