@@ -53,8 +53,10 @@ fn pools(cuda_budget: u64) -> ResourcePoolManagement {
 /// A model of `bytes` bytes in 64 half-precision tensors (like a model's layers).
 fn model(bytes: u64) -> TensorSet {
     let per = (bytes / 2 / 64) as i64;
-    TensorSet::new((0..64).map(|i| (format!("layer{i}.weight"), Tensor::ones([per], (Kind::Half, Device::Cpu)))))
-        .unwrap()
+    TensorSet::new(
+        (0..64).map(|i| (format!("layer{i}.weight"), Tensor::ones([per], (Kind::Half, Device::Cpu)))),
+    )
+    .unwrap()
 }
 
 /// Seconds per copy of `bytes` from pinned host memory, best of `reps`.
@@ -139,7 +141,11 @@ fn loads(c: &mut Criterion) {
                         let t = Instant::now();
                         m.offload().unwrap();
                         total += t.elapsed();
-                        assert_eq!(p.stats().bytes_device_to_host, d2h, "a clean offload copies nothing back");
+                        assert_eq!(
+                            p.stats().bytes_device_to_host,
+                            d2h,
+                            "a clean offload copies nothing back"
+                        );
                     }
                     total
                 })

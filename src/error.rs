@@ -77,6 +77,17 @@ pub enum Error {
         available: usize,
     },
 
+    /// A CUDA-only operation ([`device_memory`](crate::device_memory),
+    /// [`empty_cache`](crate::empty_cache), ...) was called, but libtorch sees no
+    /// CUDA device: no GPU or driver, or a libtorch built without CUDA. Other
+    /// failures of CUDA calls are [`Error::Torch`], with the operation's name
+    /// and libtorch's message.
+    #[error("no CUDA device: {what} needs one and libtorch sees none")]
+    NoCuda {
+        /// The operation that was asked for.
+        what: &'static str,
+    },
+
     /// The spill directory cannot be used.
     #[error("spill directory {path:?} is not usable: {source}")]
     SpillDir {

@@ -1,11 +1,13 @@
-//! Every raw libc call of the crate, in one place. Each call is checked and each
-//! `unsafe` block says why it is sound.
+//! Every raw libc call of the crate, and the declarations of its C++ shim
+//! ([`shim`]), in one place. Each call is checked and each `unsafe` block says
+//! why it is sound.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::path::Path;
+#[cfg(test)]
+use std::path::PathBuf;
 
 fn c_path(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes()).map_err(|_| {
@@ -33,20 +35,7 @@ pub(crate) fn statvfs_free(path: &Path) -> io::Result<u64> {
     Ok(free)
 }
 
-/// What [`ensure_libtorch_cuda_loaded`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum LoadOutcome {
-    /// `libtorch_cuda.so` was already mapped (linked, or loaded before).
-    AlreadyLoaded,
-    /// This call loaded it from this path.
-    Loaded(PathBuf),
-    /// There is no `libtorch_cuda.so` beside `libtorch_cpu.so`: a CPU-only libtorch.
-    NotPresent,
-    /// It could not be loaded; the message says why (`dlerror`, missing CUDA
-    /// libraries, no `libtorch_cpu.so` mapped).
-    Failed(String),
-}
-
+#[cfg(test)]
 /// Paths of the files mapped into this process, from `/proc/self/maps`.
 fn mapped_paths() -> io::Result<Vec<PathBuf>> {
     let maps = std::fs::read_to_string("/proc/self/maps")?;
@@ -61,6 +50,7 @@ fn mapped_paths() -> io::Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
+#[cfg(test)]
 /// The path field of one `/proc/self/maps` line (`address perms offset dev
 /// inode path`), for lines that map a file.
 fn maps_path(line: &str) -> Option<&str> {
@@ -74,6 +64,7 @@ fn maps_path(line: &str) -> Option<&str> {
     p.starts_with('/').then_some(p)
 }
 
+#[cfg(test)]
 /// Whether `path` is the library `lib_name` (exactly, or a versioned
 /// `lib_name.N…`).
 fn is_lib(path: &Path, lib_name: &str) -> bool {
@@ -90,73 +81,141 @@ pub(crate) fn is_mapped(lib_name: &str) -> bool {
     mapped_paths().map(|ps| ps.iter().any(|p| is_lib(p, lib_name))).unwrap_or(false)
 }
 
-/// Makes sure `libtorch_cuda.so` is loaded, so that libtorch registers its
-/// CUDA backend.
+/// The C++ shim (`csrc/sire_shim.cpp`, built by `build.rs`): the libtorch
+/// CUDA calls that `tch` lacks. Safe wrappers are in `crate::cuda`.
 ///
-/// Rust links with `--as-needed`, and no Rust symbol references
-/// `libtorch_cuda.so`, so a downstream binary usually lacks it and
-/// `tch::Cuda::is_available()` says false even on a GPU machine. This loads the
-/// `libtorch_cuda.so` that sits beside the mapped `libtorch_cpu.so` with
-/// `RTLD_NOW | RTLD_GLOBAL`; the handle is never closed. Calls are serialised;
-/// a second call answers [`LoadOutcome::AlreadyLoaded`].
-pub(crate) fn ensure_libtorch_cuda_loaded() -> LoadOutcome {
-    static LOCK: Mutex<()> = Mutex::new(());
-    let _serial = LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    // Reference a libtorch-backed symbol so that `libtorch_cpu.so` is a
-    // dependency of any binary that uses this function (it always is in
-    // practice: the crate calls into tch everywhere).
-    std::hint::black_box(tch::utils::has_cuda as fn() -> bool);
+/// Contract of every `-> c_int` function: it returns [`SHIM_OK`],
+/// [`SHIM_NO_CUDA`] (libtorch has no CUDA backend or sees no device; nothing
+/// was done) or [`SHIM_ERR`], and only with `SHIM_ERR` it stores a `malloc`ed
+/// NUL-terminated message in `*err` (see [`shim_status`]). No C++ exception
+/// crosses the boundary: the shim catches them all. Out-parameters are written
+/// only on success. Device indices must be below `sire_cuda_device_count()`;
+/// stream ids come from `sire_cuda_stream_from_pool` or `sire_cuda_stream_enter`;
+/// event pointers from `sire_cuda_event_new`, tensor pointers from tch (`at::Tensor*`).
+pub(crate) mod shim {
+    use std::ffi::{c_char, c_int, c_void};
 
-    let paths = match mapped_paths() {
-        Ok(p) => p,
-        Err(e) => return LoadOutcome::Failed(format!("cannot read /proc/self/maps: {e}")),
-    };
-    if paths.iter().any(|p| is_lib(p, "libtorch_cuda.so")) {
-        return LoadOutcome::AlreadyLoaded;
-    }
-    let Some(cpu) = paths.iter().find(|p| is_lib(p, "libtorch_cpu.so")) else {
-        return LoadOutcome::Failed(
-            "libtorch_cpu.so is not mapped in this process, so libtorch_cuda.so cannot be \
-             located"
-                .into(),
-        );
-    };
-    let Some(dir) = cpu.parent() else {
-        return LoadOutcome::Failed(format!("{cpu:?} has no parent directory"));
-    };
-    let cuda = dir.join("libtorch_cuda.so");
-    if !cuda.exists() {
-        return LoadOutcome::NotPresent;
-    }
-    match dlopen_global(&cuda) {
-        Ok(()) => LoadOutcome::Loaded(cuda),
-        Err(e) => LoadOutcome::Failed(e),
-    }
-}
+    use torch_sys::C_tensor;
 
-/// `dlopen(path, RTLD_NOW | RTLD_GLOBAL)`, leaking the handle on purpose.
-fn dlopen_global(path: &Path) -> Result<(), String> {
-    let c = c_path(path).map_err(|e| e.to_string())?;
-    // SAFETY: `c` is a NUL-terminated string that outlives the call and the
-    // flags are valid. Loading runs the library's initialisers: for
-    // libtorch_cuda.so these register the CUDA backend with the libtorch_cpu.so
-    // already loaded from the same directory (the same thing `import torch`
-    // does). The handle is never closed, so nothing it registers can dangle.
-    let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-    if handle.is_null() {
-        // SAFETY: dlerror returns NULL or a NUL-terminated string that stays
-        // valid until the next dl* call on this thread; it is copied at once.
-        let msg = unsafe {
-            let e = libc::dlerror();
-            if e.is_null() {
-                "unknown error".to_string()
-            } else {
-                CStr::from_ptr(e).to_string_lossy().into_owned()
+    /// Success.
+    pub(crate) const SHIM_OK: c_int = 0;
+    /// No CUDA backend or no device.
+    pub(crate) const SHIM_NO_CUDA: c_int = 1;
+    /// A C++ exception; `*err` holds its message.
+    pub(crate) const SHIM_ERR: c_int = 2;
+
+    extern "C" {
+        pub(crate) fn sire_shim_free(p: *mut c_char);
+        #[cfg(test)]
+        pub(crate) fn sire_shim_link_anchor() -> *const c_void;
+        pub(crate) fn sire_cuda_device_count() -> c_int;
+        pub(crate) fn sire_empty(
+            dims: *const i64,
+            ndims: usize,
+            dtype: c_int,
+            pinned: c_int,
+            out: *mut *mut C_tensor,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        pub(crate) fn sire_is_pinned(t: *const C_tensor, out: *mut c_int, err: *mut *mut c_char) -> c_int;
+        pub(crate) fn sire_cuda_mem_get_info(
+            device: c_int,
+            free: *mut u64,
+            total: *mut u64,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        pub(crate) fn sire_cuda_allocator_stats(
+            device: c_int,
+            reserved: *mut u64,
+            allocated: *mut u64,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        pub(crate) fn sire_cuda_empty_cache(err: *mut *mut c_char) -> c_int;
+        pub(crate) fn sire_cuda_stream_from_pool(device: c_int, id: *mut i64, err: *mut *mut c_char)
+            -> c_int;
+        pub(crate) fn sire_cuda_current_stream(device: c_int, id: *mut i64, err: *mut *mut c_char) -> c_int;
+        pub(crate) fn sire_cuda_stream_enter(
+            id: i64,
+            device: c_int,
+            prev_stream: *mut i64,
+            prev_device: *mut c_int,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        pub(crate) fn sire_cuda_stream_exit(
+            prev_stream: i64,
+            device: c_int,
+            prev_device: c_int,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        pub(crate) fn sire_cuda_event_new(
+            timing: c_int,
+            out: *mut *mut c_void,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        pub(crate) fn sire_cuda_event_free(ev: *mut c_void);
+        pub(crate) fn sire_cuda_event_record(
+            ev: *mut c_void,
+            stream: i64,
+            device: c_int,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        pub(crate) fn sire_cuda_event_record_current(
+            ev: *mut c_void,
+            device: c_int,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        pub(crate) fn sire_cuda_event_wait_current(
+            ev: *const c_void,
+            device: c_int,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        pub(crate) fn sire_cuda_event_synchronize(ev: *const c_void, err: *mut *mut c_char) -> c_int;
+        pub(crate) fn sire_cuda_event_query(
+            ev: *const c_void,
+            done: *mut c_int,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        pub(crate) fn sire_cuda_event_elapsed_ms(
+            start: *const c_void,
+            end: *const c_void,
+            ms: *mut f64,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        pub(crate) fn sire_cuda_record_stream(
+            t: *const C_tensor,
+            stream: i64,
+            device: c_int,
+            err: *mut *mut c_char,
+        ) -> c_int;
+    }
+
+    /// Turns a shim status into a `Result`, taking ownership of (and freeing)
+    /// the message in `err`. `what` names the operation for the error.
+    pub(crate) fn shim_status(what: &'static str, status: c_int, err: *mut c_char) -> crate::Result<()> {
+        let message = if err.is_null() {
+            None
+        } else {
+            // SAFETY: a non-null `err` was set by the shim to a NUL-terminated
+            // string from `strdup`, owned by us; it is copied, then freed once
+            // with the shim's matching `free`.
+            unsafe {
+                let m = std::ffi::CStr::from_ptr(err).to_string_lossy().into_owned();
+                sire_shim_free(err);
+                Some(m)
             }
         };
-        return Err(format!("dlopen({path:?}) failed: {msg}"));
+        match status {
+            SHIM_OK => Ok(()),
+            SHIM_NO_CUDA => Err(crate::Error::NoCuda { what }),
+            SHIM_ERR => {
+                let message = message.unwrap_or_else(|| "(no message)".to_string());
+                Err(crate::Error::Torch(tch::TchError::Torch(format!("{what}: {message}"))))
+            }
+            other => {
+                Err(crate::Error::Torch(tch::TchError::Torch(format!("{what}: unknown shim status {other}"))))
+            }
+        }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -219,65 +278,30 @@ mod tests {
         assert!(!is_mapped("libsire_no_such_library.so"));
     }
 
+    /// The shim (csrc/sire_shim.cpp, linked whole-archive by build.rs)
+    /// references libtorch_cuda.so, so every binary that links sire has it
+    /// mapped from the start, when the libtorch in use ships it. Nothing in the
+    /// crate loads it at run time, so this test binary shows the linking alone.
     #[test]
-    fn loads_libtorch_cuda() {
-        // Other tests in this process may have loaded it already.
-        let first = ensure_libtorch_cuda_loaded();
-        assert!(matches!(first, LoadOutcome::Loaded(_) | LoadOutcome::AlreadyLoaded), "{first:?}");
-        assert!(is_mapped("libtorch_cuda.so"));
-        assert_eq!(ensure_libtorch_cuda_loaded(), LoadOutcome::AlreadyLoaded);
-    }
-
-    /// Environment variable that turns [`fresh_process_probe`] on in a child.
-    const PROBE: &str = "SIRE_FFI_FRESH_PROCESS_PROBE";
-
-    /// Runs [`fresh_process_probe`] alone in a new process of this test binary,
-    /// where nothing has loaded `libtorch_cuda.so` yet.
-    #[test]
-    fn loads_libtorch_cuda_in_a_fresh_process() {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "ffi::tests::fresh_process_probe", "--test-threads=1", "--nocapture"])
-            .env(PROBE, "1")
-            .output()
-            .unwrap();
-        let text =
-            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "{text}");
-        assert!(text.contains("probe ok: loaded "), "{text}");
-        assert!(text.contains("1 passed"), "{text}");
-        // Shown with --nocapture.
-        println!("{text}");
-    }
-
-    /// A no-op unless [`PROBE`] is set (then it runs alone in its own process).
-    #[test]
-    fn fresh_process_probe() {
-        if std::env::var_os(PROBE).is_none() {
-            return;
+    fn the_shim_links_libtorch_cuda() {
+        let cpu = mapped_paths().unwrap().into_iter().find(|p| is_lib(p, "libtorch_cpu.so"));
+        let cpu = cpu.expect("libtorch_cpu.so is mapped");
+        let ships_cuda = cpu.with_file_name("libtorch_cuda.so").exists();
+        // SAFETY: no arguments; returns an address set by a static constructor, or null.
+        let anchor = unsafe { shim::sire_shim_link_anchor() };
+        assert_eq!(
+            !anchor.is_null(),
+            ships_cuda,
+            "link anchor {anchor:?}, libtorch_cuda.so beside {cpu:?}: {ships_cuda}"
+        );
+        assert_eq!(is_mapped("libtorch_cuda.so"), ships_cuda);
+        // With a GPU, libtorch registered CUDA because the library was there at start.
+        if cfg!(feature = "cuda-tests") {
+            assert!(
+                tch::Cuda::is_available(),
+                "libtorch_cuda.so is linked, but libtorch did not register CUDA"
+            );
         }
-        // Test binaries are linked without the link fix (see build.rs), as a
-        // downstream binary would be: `--as-needed` dropped libtorch_cuda.so.
-        assert!(is_mapped("libtorch_cpu.so"));
-        assert!(
-            !is_mapped("libtorch_cuda.so"),
-            "libtorch_cuda.so is mapped at start: the test binary was linked with it"
-        );
-        let outcome = ensure_libtorch_cuda_loaded();
-        let LoadOutcome::Loaded(path) = &outcome else {
-            panic!("expected Loaded, got {outcome:?}");
-        };
-        assert!(path.ends_with("libtorch_cuda.so"), "{path:?}");
-        assert!(is_mapped("libtorch_cuda.so"));
-        assert_eq!(ensure_libtorch_cuda_loaded(), LoadOutcome::AlreadyLoaded);
-        // Loading must not break libtorch without a GPU, and must register CUDA with one.
-        let available = tch::Cuda::is_available();
-        println!(
-            "after loading: Cuda::is_available() = {available}, device_count = {}",
-            tch::Cuda::device_count()
-        );
-        #[cfg(feature = "cuda-tests")]
-        assert!(available, "libtorch_cuda.so was loaded but libtorch did not register CUDA");
-        println!("probe ok: loaded {}", path.display());
     }
 
     #[test]

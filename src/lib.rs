@@ -3,6 +3,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod budget;
+mod cuda;
 mod error;
 mod ffi;
 mod location;
@@ -14,6 +15,7 @@ mod spill;
 mod stats;
 mod user;
 
+pub use cuda::{device_memory, empty_cache, DeviceMemory};
 pub use error::{Error, Result};
 pub use location::Location;
 pub use managed::{

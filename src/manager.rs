@@ -34,7 +34,7 @@ use tch::{Device, Kind, Tensor};
 use crate::options::{ManageOptions, OffloadPolicy};
 use crate::stats::{Counters, PoolStats, Resident, Stats};
 use crate::user::{self, Group, ResourceUser};
-use crate::{spill, Error, Location, Result};
+use crate::{cuda, spill, Error, Location, Result};
 
 /// Set in `ModelCore::state` while the weights are usable on the runtime location.
 pub(crate) const READY: u64 = 1 << 63;
@@ -456,26 +456,22 @@ impl Inner {
     /// A byte buffer in host memory, pinned if asked and possible; tells
     /// whether it is pinned (pinning can fail, e.g. under a memlock limit:
     /// the buffer is then pageable and still correct).
-    fn alloc_host(&self, bytes: usize, pin: bool, device: Device) -> Result<(Tensor, bool)> {
-        let t = Tensor::f_empty([bytes as i64], (Kind::Uint8, Device::Cpu))?;
-        match (pin, self.pin) {
-            (true, Pinning::Cuda) => match t.f_pin_memory(device) {
-                Ok(p) => Ok((p, true)),
-                Err(e) => {
-                    tracing::warn!(bytes, error = %e, "pinning failed; the home copy stays pageable");
-                    Ok((t, false))
-                }
-            },
-            (true, Pinning::Simulated) => Ok((t, true)),
-            _ => Ok((t, false)),
+    fn alloc_host(&self, bytes: usize, pin: bool) -> Result<(Tensor, bool)> {
+        if pin && self.pin == Pinning::Cuda {
+            match cuda::empty_pinned(&[bytes as i64], Kind::Uint8) {
+                Ok(p) => return Ok((p, true)),
+                Err(e) => tracing::warn!(bytes, error = %e, "pinning failed; the home copy stays pageable"),
+            }
         }
+        let t = Tensor::f_empty([bytes as i64], (Kind::Uint8, Device::Cpu))?;
+        Ok((t, pin && self.pin == Pinning::Simulated))
     }
 
     /// Copies the model's weights into one packed host buffer (pinned if
     /// asked and possible) and points the tensors at it. Tells whether it is pinned.
-    fn pack_home(&self, d: &mut ModelData, pin: bool, device: Device) -> Result<bool> {
+    fn pack_home(&self, d: &mut ModelData, pin: bool) -> Result<bool> {
         let (offsets, total) = pack_layout(&d.groups);
-        let (flat, pinned) = self.alloc_host(total, pin, device)?;
+        let (flat, pinned) = self.alloc_host(total, pin)?;
         let views = d
             .groups
             .iter()
@@ -578,7 +574,7 @@ impl Inner {
             // A CUDA model's home is packed into one buffer, pinned within the
             // cap, while the model is marked moving.
             let mut d = core.data.lock();
-            let res = unwind_safe(&core.name, || self.pack_home(&mut d, pinned > 0, core.device()));
+            let res = unwind_safe(&core.name, || self.pack_home(&mut d, pinned > 0));
             if let Err(e) = &res {
                 tracing::warn!(model = %core.name, error = %e, "could not pack the home copy; it stays as it was");
             }
@@ -980,7 +976,16 @@ impl Inner {
     /// Takes one use of the model, loading it if needed with its copies on a
     /// side stream (so they overlap work queued on the current stream).
     pub(crate) fn prefetch(&self, core: &Arc<ModelCore>, wait: Wait) -> Result<()> {
-        self.acquire(core, wait)
+        let Location::Cuda(i) = core.runtime() else { return self.acquire(core, wait) };
+        if core.try_hit(&self.clock) {
+            return Ok(());
+        }
+        let consumer = cuda::Stream::current(i)?;
+        let side = cuda::Stream::new(i)?;
+        PREFETCH_CONSUMER.set(Some(consumer));
+        let res = side.scope(|| self.acquire(core, wait));
+        PREFETCH_CONSUMER.set(None);
+        res?
     }
 
     /// Gives one use back.
@@ -1327,7 +1332,7 @@ impl Inner {
                     (spill::read(path, &keys, checked)?, None)
                 } else {
                     let (offsets, total) = pack_layout(&d.groups);
-                    let (flat, pinned) = self.alloc_host(total, load.pin, c.device())?;
+                    let (flat, pinned) = self.alloc_host(total, load.pin)?;
                     pin_failed.set(load.pin && !pinned);
                     let metas: Vec<(Kind, Vec<i64>, u64)> =
                         d.groups.iter().map(|g| (g.kind, g.shape.clone(), g.bytes)).collect();
@@ -1365,6 +1370,11 @@ impl Inner {
                     // One copy of the whole packed home, then views.
                     Some(flat) => {
                         let dev = flat.f_to_device_(c.device(), Kind::Uint8, true, false)?;
+                        if let Some(consumer) = PREFETCH_CONSUMER.get() {
+                            // Allocated on the side stream, used on the consumer's:
+                            // its memory must not be reused before the consumer is done.
+                            cuda::record_stream(&dev, &consumer)?;
+                        }
                         let (offsets, _) = pack_layout(&d.groups);
                         d.groups
                             .iter()
@@ -1462,12 +1472,20 @@ impl Inner {
     }
 }
 
-/// Waits for the copies issued to `device`.
+/// Waits for the copies issued to `device` on the current stream (only
+/// those: kernels queued on other streams keep running).
 fn sync_device(device: Device) -> Result<()> {
     if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
+        let mut done = cuda::Event::new()?;
+        done.record_current(i)?;
+        done.synchronize()?;
     }
     Ok(())
+}
+
+thread_local! {
+    /// While a prefetch runs on a side stream: the stream its caller computes on.
+    static PREFETCH_CONSUMER: Cell<Option<cuda::Stream>> = const { Cell::new(None) };
 }
 
 /// The name of a batch of models, for errors.

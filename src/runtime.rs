@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use crate::budget;
 use crate::error::fmt_bytes;
-use crate::ffi;
 use crate::manager::{Inner, Pinning};
 use crate::{Error, Location, ManageOptions, Managed, ResourceUser, Result, Stats};
 
@@ -204,10 +203,6 @@ impl Builder {
     pub fn build(self) -> Result<ResourcePoolManagement> {
         let mut pools = Vec::new();
         if self.cuda {
-            match ffi::ensure_libtorch_cuda_loaded() {
-                ffi::LoadOutcome::Failed(why) => tracing::warn!(%why, "could not load libtorch_cuda.so"),
-                outcome => tracing::debug!(?outcome, "libtorch_cuda"),
-            }
             let n = if tch::Cuda::is_available() { tch::Cuda::device_count().max(0) as usize } else { 0 };
             if n > 0 {
                 let totals = budget::nvml_totals(n);
@@ -262,7 +257,22 @@ impl Builder {
             pools.push((Location::Disk, disk));
             spill = Some(dir);
         }
-        let inner = Inner::new(pools, spill, self.wait_timeout).with_pinning(pinning, pinned_cap);
+        let mut inner = Inner::new(pools, spill, self.wait_timeout).with_pinning(pinning, pinned_cap);
+        if any_cuda {
+            inner = inner.with_cuda_probe(
+                Arc::new(|i| {
+                    let (free, _) = crate::cuda::mem_get_info(i).ok()?;
+                    let a = crate::cuda::allocator_stats(i).ok()?;
+                    Some((free, a.reserved.saturating_sub(a.allocated)))
+                }),
+                crate::manager::CUDA_HEADROOM,
+                Arc::new(|| {
+                    if let Err(e) = crate::cuda::empty_cache() {
+                        tracing::warn!(error = %e, "could not release the CUDA allocator's cache");
+                    }
+                }),
+            );
+        }
         Ok(ResourcePoolManagement { inner: Arc::new(inner) })
     }
 
