@@ -1,5 +1,5 @@
 //! Property test for the accounting: after any sequence of manage / guard / drop /
-//! offload / unregister, every pool has `used <= budget` and `used == sum of its
+//! offload / unregister / batch, every pool has `used <= budget` and `used == sum of its
 //! residents`, models in use are on their runtime location, and every model's
 //! weights are intact.
 
@@ -17,6 +17,8 @@ enum Op {
     Release(usize),
     Offload(usize),
     Drop(usize),
+    /// Two models loaded together (only while no guard is held, so it never waits).
+    Batch(usize, usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -26,6 +28,7 @@ fn op() -> impl Strategy<Value = Op> {
         (0usize..8).prop_map(Op::Release),
         (0usize..8).prop_map(Op::Offload),
         (0usize..8).prop_map(Op::Drop),
+        (0usize..8, 0usize..8).prop_map(|(i, j)| Op::Batch(i, j)),
     ]
 }
 
@@ -75,6 +78,24 @@ proptest! {
                         Err(sire::Error::InUse { .. }) => prop_assert!(models[i].0.use_count() > 0),
                         Err(e) => panic!("offload: {e}"),
                     }
+                }
+                Op::Batch(i, j) if !models.is_empty() && guards.is_empty() => {
+                    let (i, j) = (i % models.len(), j % models.len());
+                    match sire::auto_manage_all(&[models[i].0.handle(), models[j].0.handle()]) {
+                        Ok(batch) => {
+                            for k in [i, j] {
+                                prop_assert_eq!(models[k].0.location(), Location::Cpu);
+                                prop_assert_eq!(models[k].0.use_count(), 1);
+                                let g = sire::try_auto_manage(&models[k].0).unwrap();
+                                let s = g.get("a").unwrap().sum(Kind::Double).double_value(&[]);
+                                prop_assert_eq!(s, models[k].1, "weights of model {} changed", k);
+                            }
+                            drop(batch);
+                        }
+                        Err(sire::Error::OutOfMemory { .. }) | Err(sire::Error::TooLarge { .. }) => {}
+                        Err(e) => panic!("batch: {e}"),
+                    }
+                    prop_assert!(models.iter().all(|(m, _)| m.use_count() == 0), "a batch left a use behind");
                 }
                 Op::Drop(i) if !models.is_empty() => {
                     let i = i % models.len();
