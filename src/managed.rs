@@ -101,7 +101,7 @@ impl<T> Managed<T> {
         self.shared.pools.inner.acquire(&self.shared.core, wait)
     }
 
-    fn deadline(&self, timeout: Duration) -> Wait {
+    fn deadline(&self, timeout: Duration) -> Wait<'static> {
         Wait::Until(Instant::now() + timeout, timeout)
     }
 }
@@ -218,5 +218,19 @@ impl<T> fmt::Debug for OwnedGuard<T> {
             .field("model", &self.shared.core.name)
             .field("device", &self.device())
             .finish()
+    }
+}
+
+// Crate-internal access for the async layer.
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+impl<T> Managed<T> {
+    pub(crate) fn core(&self) -> &Arc<ModelCore> {
+        &self.shared.core
+    }
+
+    /// Wraps a use the caller already holds (taken by `Inner::hit` or
+    /// `Inner::poll_acquire`) in an owned guard, which releases it on drop.
+    pub(crate) fn adopt_use(&self) -> OwnedGuard<T> {
+        OwnedGuard { shared: self.shared.clone() }
     }
 }

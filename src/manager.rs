@@ -20,7 +20,18 @@
 //! if anyone is there, notifies under the lock. The release's decrement reads
 //! from the waiter's read-modify-write, so the waiter's increment is visible to
 //! it: a waiter cannot miss the release it waits for. `loom/` model-checks this.
+//!
+//! Async waiters (the `tokio` feature) follow the same rule: they stay counted
+//! in `waiters` (`Waiting`) from before their first attempt until they give up,
+//! create their wake-up listener before each attempt, and run each attempt
+//! (`Inner::poll_acquire`, which never blocks on the condition variable) on the
+//! blocking pool. Every `notify` wakes both kinds of waiters.
+//!
+//! Events for the [listener](crate::Builder::listener) are queued under the lock,
+//! in publication order, and delivered in that order after the lock is released
+//! (`Inner::deliver`, called by each entry point that can move bytes).
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
@@ -30,6 +41,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use tch::{Device, Tensor};
 
+use crate::events::{Event, EventKind, Listener};
 use crate::options::{ManageOptions, OffloadPolicy};
 use crate::stats::{Counters, PoolStats, Resident, Stats};
 use crate::user::{self, Group, ResourceUser};
@@ -125,6 +137,17 @@ impl Entry {
         }
     }
 
+    /// Where the weights are: the runtime location if resident there, else host, else disk.
+    fn location(&self) -> Location {
+        if self.runtime_resident() {
+            self.core.runtime
+        } else if self.host {
+            Location::Cpu
+        } else {
+            Location::Disk
+        }
+    }
+
     /// Bytes this model holds in `loc`'s pool.
     fn charge(&self, loc: Location) -> u64 {
         let c = &self.core;
@@ -209,9 +232,13 @@ enum Room {
 
 /// How long a call may wait for room.
 #[derive(Clone, Copy)]
-pub(crate) enum Wait {
+pub(crate) enum Wait<'a> {
     No,
     Until(Instant, Duration),
+    /// Never wait; set the flag when the call fails because it would have to
+    /// (the async layer then awaits a notification instead).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    Poll(&'a Cell<bool>),
 }
 
 /// Fault-injection points (only armed by unit tests).
@@ -235,6 +262,15 @@ pub(crate) struct Inner {
     pub(crate) counters: Counters,
     #[cfg(test)]
     fail: Mutex<Option<FailAt>>,
+    /// Wakes async waiters; fired with the condition variable (`notify`).
+    #[cfg(feature = "tokio")]
+    pub(crate) notify_async: tokio::sync::Notify,
+    /// The observer set by `Builder::listener`.
+    pub(crate) listener: Option<Listener>,
+    /// Events published but not yet delivered (pushed under `state`).
+    events: Mutex<Vec<Event>>,
+    /// Held by the thread delivering events (keeps them in order).
+    delivering: Mutex<()>,
 }
 
 impl Drop for Inner {
@@ -269,6 +305,11 @@ impl Inner {
             counters: Counters::default(),
             #[cfg(test)]
             fail: Mutex::new(None),
+            #[cfg(feature = "tokio")]
+            notify_async: tokio::sync::Notify::new(),
+            listener: None,
+            events: Mutex::new(Vec::new()),
+            delivering: Mutex::new(()),
         }
     }
 
@@ -378,7 +419,9 @@ impl Inner {
             let mut d = core.data.lock();
             d.disk_versions = d.groups.iter().map(|g| g.current().internal_version()).collect();
         }
-        self.admit(&core)?;
+        let admitted = self.admit(&core);
+        self.deliver();
+        admitted?;
         Ok(Registered { core })
     }
 
@@ -400,6 +443,7 @@ impl Inner {
                     if core.runtime == Location::Cpu {
                         core.state.store(READY, SeqCst);
                     }
+                    self.emit(core, EventKind::Registered, None, Some(Location::Cpu));
                     return Ok(());
                 }
                 Room::Evict(victims) => {
@@ -437,15 +481,16 @@ impl Inner {
         e.moving = false;
         match res {
             Ok(()) => {
+                self.emit(core, EventKind::Registered, None, Some(Location::Disk));
                 drop(st);
-                self.cond.notify_all();
+                self.notify();
                 Ok(())
             }
             Err(err) => {
                 st.models.remove(&core.id);
                 st.sub(Location::Disk, write);
                 drop(st);
-                self.cond.notify_all();
+                self.notify();
                 Err(err)
             }
         }
@@ -458,6 +503,7 @@ impl Inner {
             self.cond.wait(&mut st);
         }
         if let Some(e) = st.models.remove(&core.id) {
+            self.emit(core, EventKind::Unregistered, Some(e.location()), None);
             let mut locs = vec![Location::Cpu, Location::Disk];
             if core.runtime != Location::Cpu {
                 locs.push(core.runtime);
@@ -475,7 +521,8 @@ impl Inner {
             }
         }
         drop(st);
-        self.cond.notify_all();
+        self.notify();
+        self.deliver();
     }
 
     // ----------------------------------------------------------------- acquire
@@ -491,7 +538,32 @@ impl Inner {
         self.waiters.fetch_add(1, SeqCst);
         let res = self.acquire_slow(&mut st, core, wait);
         self.waiters.fetch_sub(1, SeqCst);
+        drop(st);
+        self.deliver();
         res
+    }
+
+    /// One use if the model is ready (the hit path: no lock, no move).
+    #[inline]
+    #[cfg(feature = "tokio")]
+    pub(crate) fn hit(&self, core: &ModelCore) -> bool {
+        core.try_hit(&self.clock)
+    }
+
+    /// One attempt that never blocks on the condition variable (the async
+    /// layer's): `Ok(None)` with one use taken (the caller must `release` it),
+    /// `Ok(Some(err))` when it would have to wait (`err` is what giving up would
+    /// report), `Err` for a failure that waiting cannot cure. It may move bytes:
+    /// call it off the async executor. The caller stays counted in `waiters`
+    /// (`Waiting`) across its attempts and its waits.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn poll_acquire(&self, core: &Arc<ModelCore>) -> Result<Option<Error>> {
+        let would_wait = Cell::new(false);
+        match self.acquire(core, Wait::Poll(&would_wait)) {
+            Ok(()) => Ok(None),
+            Err(e) if would_wait.get() => Ok(Some(e)),
+            Err(e) => Err(e),
+        }
     }
 
     fn acquire_slow(&self, st: &mut MutexGuard<'_, State>, core: &Arc<ModelCore>, wait: Wait) -> Result<()> {
@@ -560,7 +632,9 @@ impl Inner {
                 Ok(()) => {
                     core.last_used.store(self.clock.fetch_add(1, Relaxed), Relaxed);
                     core.state.store(READY | 1, SeqCst);
-                    self.cond.notify_all();
+                    let from = if load.host { Location::Disk } else { Location::Cpu };
+                    self.emit(core, EventKind::Loaded, Some(from), Some(core.runtime));
+                    self.notify();
                     return Ok(());
                 }
                 Err((host_done, err)) => {
@@ -574,7 +648,10 @@ impl Inner {
                         e.host = false;
                         st.sub(Location::Cpu, needs[0].1);
                     }
-                    self.cond.notify_all();
+                    if load.host && host_done && load.dev {
+                        self.emit(core, EventKind::Loaded, Some(Location::Disk), Some(Location::Cpu));
+                    }
+                    self.notify();
                     return Err(err);
                 }
             }
@@ -604,6 +681,10 @@ impl Inner {
     ) -> Result<()> {
         match wait {
             Wait::No => Err(self.oom(st, core, loc, n, None)),
+            Wait::Poll(would_wait) => {
+                would_wait.set(true);
+                Err(self.oom(st, core, loc, n, None))
+            }
             Wait::Until(deadline, total) => {
                 if self.cond.wait_until(st, deadline).timed_out() && !core.is_ready() {
                     return Err(self.oom(st, core, loc, n, Some(total)));
@@ -633,11 +714,18 @@ impl Inner {
             }
         }
         drop(st);
-        self.cond.notify_all();
+        self.notify();
+        self.deliver();
     }
 
     /// Offloads an idle model now (`Managed::offload`).
     pub(crate) fn offload_now(&self, core: &ModelCore) -> Result<()> {
+        let res = self.offload_idle(core);
+        self.deliver();
+        res
+    }
+
+    fn offload_idle(&self, core: &ModelCore) -> Result<()> {
         let mut st = self.state.lock();
         loop {
             let e =
@@ -801,6 +889,7 @@ impl Inner {
             let e = st.models.get_mut(&c.id).expect("victims stay registered while moving");
             e.moving = false;
             let was_dev = e.dev;
+            let was_runtime = e.runtime_resident();
             let dev_charge = e.charge(c.runtime);
             let host_charge = e.charge(Location::Cpu);
             match res {
@@ -819,6 +908,13 @@ impl Inner {
                     if h {
                         st.sub(Location::Cpu, host_charge);
                     }
+                    let (kind, from) = if was_runtime {
+                        (EventKind::Offloaded, c.runtime)
+                    } else {
+                        (EventKind::Spilled, Location::Cpu)
+                    };
+                    let to = if job.spill { Location::Disk } else { Location::Cpu };
+                    self.emit(c, kind, Some(from), Some(to));
                 }
                 Err(err) => {
                     // Only the disk write can fail, and it comes after the device copy was
@@ -831,6 +927,7 @@ impl Inner {
                     if job.drop_dev && was_dev {
                         e.dev = false;
                         st.sub(c.runtime, dev_charge);
+                        self.emit(c, EventKind::Offloaded, Some(c.runtime), Some(Location::Cpu));
                     } else if c.runtime == Location::Cpu {
                         c.state.store(READY, SeqCst); // still resident on its runtime location
                     }
@@ -839,7 +936,7 @@ impl Inner {
                 }
             }
         }
-        self.cond.notify_all();
+        self.notify();
         first_err.map_or(Ok(()), Err)
     }
 
@@ -955,6 +1052,58 @@ impl Inner {
         Ok(())
     }
 
+    // ----------------------------------------------------------------- notification and events
+
+    /// Wakes every waiter, blocked (condition variable) or async.
+    fn notify(&self) {
+        self.cond.notify_all();
+        #[cfg(feature = "tokio")]
+        self.notify_async.notify_waiters();
+    }
+
+    /// Queues an event for the listener. Called under the `state` lock, so the
+    /// queue is in publication order (lock order: `state`, then `events`).
+    fn emit(&self, core: &ModelCore, kind: EventKind, from: Option<Location>, to: Option<Location>) {
+        if self.listener.is_some() {
+            self.events.lock().push(Event {
+                model: core.name.clone(),
+                kind,
+                from,
+                to,
+                bytes: core.bytes,
+                runtime: core.runtime,
+            });
+        }
+    }
+
+    /// Hands queued events to the listener, in order. Called without the
+    /// `state` lock. If another thread is delivering, it also delivers ours
+    /// (it checks the queue again after giving up its turn); a listener that
+    /// calls back into the engine queues its events behind the current batch.
+    /// A panicking listener is logged, not propagated.
+    fn deliver(&self) {
+        let Some(listener) = &self.listener else { return };
+        loop {
+            let Some(turn) = self.delivering.try_lock() else { return };
+            let batch = std::mem::take(&mut *self.events.lock());
+            for e in &batch {
+                let call = std::panic::AssertUnwindSafe(|| (listener.0)(e));
+                if std::panic::catch_unwind(call).is_err() {
+                    tracing::warn!(event = %e, "the event listener panicked");
+                }
+            }
+            drop(turn);
+            if self.events.lock().is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Callers in the slow path now: loading, or waiting for room or for a move.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiters.load(SeqCst)
+    }
+
     // ----------------------------------------------------------------- observation
 
     pub(crate) fn stats(&self) -> Stats {
@@ -989,7 +1138,9 @@ impl Inner {
         let hits = st.models.values().map(|e| e.core.hits.load(Relaxed)).sum::<u64>()
             + self.counters.retired_hits.load(Relaxed);
         drop(st);
-        self.counters.snapshot(pools, hits)
+        let mut stats = self.counters.snapshot(pools, hits);
+        stats.waiting = self.waiting() as u64;
+        stats
     }
 
     pub(crate) fn retire_hits(&self, core: &ModelCore) {
@@ -1014,6 +1165,27 @@ impl Inner {
             assert!(p.used <= p.budget, "{}: used {} > budget {}", p.location, p.used, p.budget);
             assert_eq!(p.used, sum, "{}: used differs from the sum of residents", p.location);
         }
+    }
+}
+
+/// Counts an async caller in `waiters` for as long as it lives, from before its
+/// first attempt until it has its use or gives up (dropping it, also by
+/// cancellation, uncounts it). See the module docs.
+#[cfg(feature = "tokio")]
+pub(crate) struct Waiting<'a>(&'a Inner);
+
+#[cfg(feature = "tokio")]
+impl<'a> Waiting<'a> {
+    pub(crate) fn new(inner: &'a Inner) -> Self {
+        inner.waiters.fetch_add(1, SeqCst);
+        Waiting(inner)
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, SeqCst);
     }
 }
 

@@ -30,6 +30,9 @@ pub struct Stats {
     pub bytes_from_disk: u64,
     /// Wall time spent moving bytes, summed over all moves.
     pub time_moving: Duration,
+    /// Calls in the slow path when the snapshot was taken: loading a model, or
+    /// waiting for room or for a move (async waiters included).
+    pub waiting: u64,
 }
 
 /// One pool in a [`Stats`] snapshot.
@@ -100,6 +103,7 @@ impl Counters {
             bytes_to_disk: self.bytes_to_disk.load(Relaxed),
             bytes_from_disk: self.bytes_from_disk.load(Relaxed),
             time_moving: Duration::from_nanos(self.move_nanos.load(Relaxed)),
+            waiting: 0,
         }
     }
 }
