@@ -153,6 +153,28 @@ pub enum Error {
         message: String,
     },
 
+    /// No model with this id was added to the
+    /// [`SharedModelManager`](crate::SharedModelManager).
+    #[error("no model `{id}` in this SharedModelManager (known: {})", if known.is_empty() { "none".to_string() } else { known.join(", ") })]
+    UnknownModel {
+        /// The id asked for.
+        id: String,
+        /// The ids it holds.
+        known: Vec<String>,
+    },
+
+    /// A model was fetched from a [`SharedModelManager`](crate::SharedModelManager)
+    /// as another type than the one it was added as.
+    #[error("model `{id}` is a {actual}, not a {requested}")]
+    WrongModelType {
+        /// The model's id.
+        id: String,
+        /// The type asked for.
+        requested: &'static str,
+        /// The type it was added as.
+        actual: &'static str,
+    },
+
     /// A failure inside libtorch.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

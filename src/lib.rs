@@ -2,10 +2,15 @@
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+#[cfg(feature = "tokio")]
+mod asyncs;
 mod budget;
 mod cuda;
 mod error;
+mod events;
+mod exclusive;
 mod ffi;
+mod hook;
 mod location;
 mod managed;
 mod manager;
@@ -15,8 +20,13 @@ mod spill;
 mod stats;
 mod user;
 
+#[cfg(feature = "tokio")]
+pub use asyncs::{auto_manage_async, auto_manage_async_timeout};
 pub use cuda::{device_memory, empty_cache, DeviceMemory};
 pub use error::{Error, Result};
+pub use events::{Event, EventKind};
+pub use exclusive::{ExclusiveGuard, SharedModelManager};
+pub use hook::{hook, hook_t, Hooked, HookedT};
 pub use location::Location;
 pub use managed::{
     auto_manage, auto_manage_all, auto_manage_owned, auto_manage_timeout, manage, manage_with, prefetch,

@@ -113,7 +113,7 @@ impl<T> Managed<T> {
         self.shared.pools.inner.acquire(&self.shared.core, wait)
     }
 
-    fn deadline(&self, timeout: Duration) -> Wait {
+    fn deadline(&self, timeout: Duration) -> Wait<'static> {
         Wait::Until(Instant::now() + timeout, timeout)
     }
 }
@@ -404,5 +404,19 @@ impl<T> Prefetch<T> {
 impl<T> fmt::Debug for Prefetch<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Prefetch").field("model", &self.name).field("finished", &self.is_finished()).finish()
+    }
+}
+
+// Crate-internal access for the async layer.
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+impl<T> Managed<T> {
+    pub(crate) fn core(&self) -> &Arc<ModelCore> {
+        &self.shared.core
+    }
+
+    /// Wraps a use the caller already holds (taken by `Inner::hit` or
+    /// `Inner::poll_acquire`) in an owned guard, which releases it on drop.
+    pub(crate) fn adopt_use(&self) -> OwnedGuard<T> {
+        OwnedGuard { shared: self.shared.clone() }
     }
 }

@@ -20,6 +20,16 @@
 //! if anyone is there, notifies under the lock. The release's decrement reads
 //! from the waiter's read-modify-write, so the waiter's increment is visible to
 //! it: a waiter cannot miss the release it waits for. `loom/` model-checks this.
+//!
+//! Async waiters (the `tokio` feature) follow the same rule: they stay counted
+//! in `waiters` (`Waiting`) from before their first attempt until they give up,
+//! create their wake-up listener before each attempt, and run each attempt
+//! (`Inner::poll_acquire`, which never blocks on the condition variable) on the
+//! blocking pool. Every `notify` wakes both kinds of waiters.
+//!
+//! Events for the [listener](crate::Builder::listener) are queued under the lock,
+//! in publication order, and delivered in that order after the lock is released
+//! (`Inner::deliver`, called by each entry point that can move bytes).
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -31,6 +41,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use tch::{Device, Kind, Tensor};
 
+use crate::events::{Event, EventKind, Listener};
 use crate::options::{ManageOptions, OffloadPolicy};
 use crate::stats::{Counters, PoolStats, Resident, Stats};
 use crate::user::{self, Group, ResourceUser};
@@ -162,6 +173,17 @@ impl Entry {
         }
     }
 
+    /// Where the weights are: the runtime location if resident there, else host, else disk.
+    fn location(&self) -> Location {
+        if self.runtime_resident() {
+            self.core.runtime()
+        } else if self.host {
+            Location::Cpu
+        } else {
+            Location::Disk
+        }
+    }
+
     /// Bytes this model holds in `loc`'s pool.
     fn charge(&self, loc: Location) -> u64 {
         let c = &self.core;
@@ -283,9 +305,13 @@ enum Room {
 
 /// How long a call may wait for room.
 #[derive(Clone, Copy)]
-pub(crate) enum Wait {
+pub(crate) enum Wait<'a> {
     No,
     Until(Instant, Duration),
+    /// Never wait; set the flag when the call fails because it would have to
+    /// (the async layer then awaits a notification instead).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    Poll(&'a Cell<bool>),
 }
 
 /// Fault-injection points (only armed by unit tests).
@@ -340,6 +366,15 @@ pub(crate) struct Inner {
     pub(crate) counters: Counters,
     #[cfg(test)]
     fail: Mutex<Option<FailAt>>,
+    /// Wakes async waiters; fired with the condition variable (`notify`).
+    #[cfg(feature = "tokio")]
+    pub(crate) notify_async: tokio::sync::Notify,
+    /// The observer set by `Builder::listener`.
+    pub(crate) listener: Option<Listener>,
+    /// Events published but not yet delivered (pushed under `state`).
+    events: Mutex<Vec<Event>>,
+    /// Held by the thread delivering events (keeps them in order).
+    delivering: Mutex<()>,
 }
 
 impl Drop for Inner {
@@ -380,6 +415,11 @@ impl Inner {
             counters: Counters::default(),
             #[cfg(test)]
             fail: Mutex::new(None),
+            #[cfg(feature = "tokio")]
+            notify_async: tokio::sync::Notify::new(),
+            listener: None,
+            events: Mutex::new(Vec::new()),
+            delivering: Mutex::new(()),
         }
     }
 
@@ -570,7 +610,9 @@ impl Inner {
             let mut d = core.data.lock();
             d.disk_versions = d.groups.iter().map(|g| g.current().internal_version()).collect();
         }
-        if let Some(pinned) = self.admit(&core)? {
+        let admitted = self.admit(&core);
+        self.deliver();
+        if let Some(pinned) = admitted? {
             // A CUDA model's home is packed into one buffer, pinned within the
             // cap, while the model is marked moving.
             let mut d = core.data.lock();
@@ -588,7 +630,7 @@ impl Inner {
                 st.pinned_used -= pinned;
             }
             drop(st);
-            self.cond.notify_all();
+            self.notify();
         }
         Ok(Registered { core })
     }
@@ -616,6 +658,7 @@ impl Inner {
                     if !cuda {
                         core.state.store(READY, SeqCst);
                     }
+                    self.emit(core, EventKind::Registered, None, Some(Location::Cpu));
                     return Ok(cuda.then_some(pinned));
                 }
                 Room::Evict(victims) => {
@@ -653,15 +696,16 @@ impl Inner {
         e.moving = false;
         match res {
             Ok(()) => {
+                self.emit(core, EventKind::Registered, None, Some(Location::Disk));
                 drop(st);
-                self.cond.notify_all();
+                self.notify();
                 Ok(None)
             }
             Err(err) => {
                 st.models.remove(&core.id);
                 st.sub(Location::Disk, write);
                 drop(st);
-                self.cond.notify_all();
+                self.notify();
                 Err(err)
             }
         }
@@ -674,6 +718,7 @@ impl Inner {
             self.cond.wait(&mut st);
         }
         if let Some(e) = st.models.remove(&core.id) {
+            self.emit(core, EventKind::Unregistered, Some(e.location()), None);
             st.pinned_used -= e.pinned;
             let mut locs = vec![Location::Cpu, Location::Disk];
             if core.runtime() != Location::Cpu {
@@ -692,7 +737,8 @@ impl Inner {
             }
         }
         drop(st);
-        self.cond.notify_all();
+        self.notify();
+        self.deliver();
     }
 
     // ----------------------------------------------------------------- acquire
@@ -732,7 +778,32 @@ impl Inner {
         self.waiters.fetch_add(1, SeqCst);
         let res = self.acquire_locked(&mut st, cores, wait);
         self.waiters.fetch_sub(1, SeqCst);
+        drop(st);
+        self.deliver();
         res
+    }
+
+    /// One use if the model is ready (the hit path: no lock, no move).
+    #[inline]
+    #[cfg(feature = "tokio")]
+    pub(crate) fn hit(&self, core: &ModelCore) -> bool {
+        core.try_hit(&self.clock)
+    }
+
+    /// One attempt that never blocks on the condition variable (the async
+    /// layer's): `Ok(None)` with one use taken (the caller must `release` it),
+    /// `Ok(Some(err))` when it would have to wait (`err` is what giving up would
+    /// report), `Err` for a failure that waiting cannot cure. It may move bytes:
+    /// call it off the async executor. The caller stays counted in `waiters`
+    /// (`Waiting`) across its attempts and its waits.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn poll_acquire(&self, core: &Arc<ModelCore>) -> Result<Option<Error>> {
+        let would_wait = Cell::new(false);
+        match self.acquire(core, Wait::Poll(&would_wait)) {
+            Ok(()) => Ok(None),
+            Err(e) if would_wait.get() => Ok(Some(e)),
+            Err(e) => Err(e),
+        }
     }
 
     fn acquire_locked(
@@ -903,7 +974,7 @@ impl Inner {
                 let e = st.models.get_mut(&core.id).expect("registered");
                 e.moving = false;
                 match res {
-                    Ok(()) => loaded.push(core),
+                    Ok(()) => loaded.push((core, if load.host { Location::Disk } else { Location::Cpu })),
                     Err((host_done, err)) => {
                         // Undo what did not happen; a completed host load stays (the model is whole there).
                         if load.dev {
@@ -920,14 +991,18 @@ impl Inner {
                             };
                             st.sub(Location::Cpu, n);
                         }
+                        if load.host && host_done && load.dev {
+                            self.emit(core, EventKind::Loaded, Some(Location::Disk), Some(Location::Cpu));
+                        }
                         first_err.get_or_insert(err);
                     }
                 }
             }
             let uses = if first_err.is_some() { 0 } else { 1 };
-            for core in &loaded {
+            for (core, from) in &loaded {
                 core.last_used.store(self.clock.fetch_add(1, Relaxed), Relaxed);
                 core.state.store(READY | uses, SeqCst);
+                self.emit(core, EventKind::Loaded, Some(*from), Some(core.runtime()));
             }
             if first_err.is_some() {
                 // All or nothing: give back the uses taken on models already in place
@@ -936,7 +1011,7 @@ impl Inner {
                     core.state.fetch_sub(1, SeqCst);
                 }
             }
-            self.cond.notify_all();
+            self.notify();
             return first_err.map_or(Ok(()), Err);
         }
     }
@@ -964,6 +1039,10 @@ impl Inner {
     ) -> Result<()> {
         match wait {
             Wait::No => Err(self.oom(st, core, loc, n, None)),
+            Wait::Poll(would_wait) => {
+                would_wait.set(true);
+                Err(self.oom(st, core, loc, n, None))
+            }
             Wait::Until(deadline, total) => {
                 if self.cond.wait_until(st, deadline).timed_out() && !core.is_ready() {
                     return Err(self.oom(st, core, loc, n, Some(total)));
@@ -1008,11 +1087,18 @@ impl Inner {
             }
         }
         drop(st);
-        self.cond.notify_all();
+        self.notify();
+        self.deliver();
     }
 
     /// Offloads an idle model now (`Managed::offload`).
     pub(crate) fn offload_now(&self, core: &ModelCore) -> Result<()> {
+        let res = self.offload_idle(core);
+        self.deliver();
+        res
+    }
+
+    fn offload_idle(&self, core: &ModelCore) -> Result<()> {
         let mut st = self.state.lock();
         loop {
             let e =
@@ -1188,6 +1274,7 @@ impl Inner {
             let e = st.models.get_mut(&c.id).expect("victims stay registered while moving");
             e.moving = false;
             let was_dev = e.dev;
+            let was_runtime = e.runtime_resident();
             let dev_charge = e.charge(c.runtime());
             let host_charge = e.charge(Location::Cpu);
             match res {
@@ -1210,6 +1297,13 @@ impl Inner {
                     if h {
                         st.sub(Location::Cpu, host_charge);
                     }
+                    let (kind, from) = if was_runtime {
+                        (EventKind::Offloaded, c.runtime())
+                    } else {
+                        (EventKind::Spilled, Location::Cpu)
+                    };
+                    let to = if job.spill { Location::Disk } else { Location::Cpu };
+                    self.emit(c, kind, Some(from), Some(to));
                 }
                 Err((dropped, err)) => {
                     // Either the device copy is intact (the failure came first) or it was
@@ -1223,6 +1317,7 @@ impl Inner {
                     if job.drop_dev && was_dev && dropped {
                         e.dev = false;
                         st.sub(c.runtime(), dev_charge);
+                        self.emit(c, EventKind::Offloaded, Some(c.runtime()), Some(Location::Cpu));
                     } else if e.runtime_resident() {
                         c.state.store(READY, SeqCst); // still resident on its runtime location
                     }
@@ -1231,7 +1326,7 @@ impl Inner {
                 }
             }
         }
-        self.cond.notify_all();
+        self.notify();
         first_err.map_or(Ok(()), Err)
     }
 
@@ -1403,6 +1498,58 @@ impl Inner {
         Ok(())
     }
 
+    // ----------------------------------------------------------------- notification and events
+
+    /// Wakes every waiter, blocked (condition variable) or async.
+    fn notify(&self) {
+        self.cond.notify_all();
+        #[cfg(feature = "tokio")]
+        self.notify_async.notify_waiters();
+    }
+
+    /// Queues an event for the listener. Called under the `state` lock, so the
+    /// queue is in publication order (lock order: `state`, then `events`).
+    fn emit(&self, core: &ModelCore, kind: EventKind, from: Option<Location>, to: Option<Location>) {
+        if self.listener.is_some() {
+            self.events.lock().push(Event {
+                model: core.name.clone(),
+                kind,
+                from,
+                to,
+                bytes: core.bytes,
+                runtime: core.runtime(),
+            });
+        }
+    }
+
+    /// Hands queued events to the listener, in order. Called without the
+    /// `state` lock. If another thread is delivering, it also delivers ours
+    /// (it checks the queue again after giving up its turn); a listener that
+    /// calls back into the engine queues its events behind the current batch.
+    /// A panicking listener is logged, not propagated.
+    fn deliver(&self) {
+        let Some(listener) = &self.listener else { return };
+        loop {
+            let Some(turn) = self.delivering.try_lock() else { return };
+            let batch = std::mem::take(&mut *self.events.lock());
+            for e in &batch {
+                let call = std::panic::AssertUnwindSafe(|| (listener.0)(e));
+                if std::panic::catch_unwind(call).is_err() {
+                    tracing::warn!(event = %e, "the event listener panicked");
+                }
+            }
+            drop(turn);
+            if self.events.lock().is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Callers in the slow path now: loading, or waiting for room or for a move.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiters.load(SeqCst)
+    }
+
     // ----------------------------------------------------------------- observation
 
     pub(crate) fn stats(&self) -> Stats {
@@ -1438,7 +1585,9 @@ impl Inner {
             + self.counters.retired_hits.load(Relaxed);
         let pinned = (st.pinned_used, st.pinned_cap);
         drop(st);
-        self.counters.snapshot(pools, hits, pinned)
+        let mut stats = self.counters.snapshot(pools, hits, pinned);
+        stats.waiting = self.waiting() as u64;
+        stats
     }
 
     pub(crate) fn retire_hits(&self, core: &ModelCore) {
@@ -1516,6 +1665,27 @@ fn pack_view(flat: &Tensor, offset: usize, kind: Kind, shape: &[i64], bytes: u64
         return Ok(Tensor::f_empty(shape, (kind, flat.device()))?);
     }
     Ok(flat.f_narrow(0, offset as i64, bytes as i64)?.f_view_dtype(kind)?.f_view(shape)?)
+}
+
+/// Counts an async caller in `waiters` for as long as it lives, from before its
+/// first attempt until it has its use or gives up (dropping it, also by
+/// cancellation, uncounts it). See the module docs.
+#[cfg(feature = "tokio")]
+pub(crate) struct Waiting<'a>(&'a Inner);
+
+#[cfg(feature = "tokio")]
+impl<'a> Waiting<'a> {
+    pub(crate) fn new(inner: &'a Inner) -> Self {
+        inner.waiters.fetch_add(1, SeqCst);
+        Waiting(inner)
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, SeqCst);
+    }
 }
 
 /// Runs a move, turning a panic (tch panics where libtorch throws) into an

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use crate::budget;
 use crate::error::fmt_bytes;
+use crate::events::Listener;
 use crate::manager::{Inner, Pinning};
-use crate::{Error, Location, ManageOptions, Managed, ResourceUser, Result, Stats};
+use crate::{Error, Event, Location, ManageOptions, Managed, ResourceUser, Result, Stats};
 
 /// Owns the pools, the managed models, their LRU order and the statistics.
 ///
@@ -124,6 +125,7 @@ pub struct Builder {
     disk: bool,
     env: bool,
     wait_timeout: Duration,
+    listener: Option<Listener>,
 }
 
 impl Default for Builder {
@@ -138,6 +140,7 @@ impl Default for Builder {
             disk: true,
             env: true,
             wait_timeout: Duration::from_secs(60),
+            listener: None,
         }
     }
 }
@@ -196,6 +199,38 @@ impl Builder {
     /// models in use before it fails (default 60 s).
     pub fn wait_timeout(mut self, timeout: Duration) -> Self {
         self.wait_timeout = timeout;
+        self
+    }
+
+    /// A callback for every published move (an observer: metrics, logs, test
+    /// invariants). It is called once per [`Event`], in publication order, after
+    /// the engine's lock is released, on the thread that made the move or one
+    /// that delivers for it; it must be cheap, and a panic in it is caught and
+    /// logged. Guards on resident models produce no events.
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// # fn main() -> sire::Result<()> {
+    /// let dir = tempfile::tempdir()?;
+    /// let seen = Arc::new(Mutex::new(Vec::new()));
+    /// let log = seen.clone();
+    /// let pools = sire::ResourcePoolManagement::builder()
+    ///     .cuda(false)
+    ///     .env(false)
+    ///     .spill_dir(dir.path())
+    ///     .listener(move |e: &sire::Event| log.lock().unwrap().push(e.to_string()))
+    ///     .build()?;
+    /// let m = pools.manage_with(
+    ///     sire::TensorSet::new([("w", tch::Tensor::ones([4], tch::kind::FLOAT_CPU))])?,
+    ///     sire::ManageOptions::new().name("m"),
+    /// )?;
+    /// m.offload()?;
+    /// drop(sire::auto_manage(&m)?);
+    /// assert_eq!(*seen.lock().unwrap(), ["m Registered: - -> cpu", "m Offloaded: cpu -> disk", "m Loaded: disk -> cpu"]);
+    /// # Ok(()) }
+    /// ```
+    pub fn listener(mut self, f: impl Fn(&Event) + Send + Sync + 'static) -> Self {
+        self.listener = Some(Listener(Arc::new(f)));
         self
     }
 
@@ -258,6 +293,7 @@ impl Builder {
             spill = Some(dir);
         }
         let mut inner = Inner::new(pools, spill, self.wait_timeout).with_pinning(pinning, pinned_cap);
+        inner.listener = self.listener;
         if any_cuda {
             inner = inner.with_cuda_probe(
                 Arc::new(|i| {

@@ -37,6 +37,9 @@ pub struct Stats {
     /// Times the CUDA caching allocator's idle blocks were given back to the
     /// driver after evictions left it short of a load.
     pub cache_releases: u64,
+    /// Calls in the slow path when the snapshot was taken: loading a model, or
+    /// waiting for room or for a move (async waiters included).
+    pub waiting: u64,
 }
 
 /// One pool in a [`Stats`] snapshot.
@@ -112,6 +115,7 @@ impl Counters {
             pinned: pinned.0,
             pinned_cap: pinned.1,
             cache_releases: self.cache_releases.load(Relaxed),
+            waiting: 0,
         }
     }
 }

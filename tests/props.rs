@@ -12,7 +12,10 @@ use tch::Kind;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Manage { size_kib: u64, eager: bool },
+    Manage {
+        size_kib: u64,
+        eager: bool,
+    },
     Acquire(usize),
     Release(usize),
     Offload(usize),

@@ -1,0 +1,468 @@
+//! Exclusive sharing of one device (the `SharedModelManager` pattern): models
+//! wait off the device, and at most one of them is on it at a time, for the
+//! whole life of the guards that use it.
+
+use std::any::Any;
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex, RwLock};
+use tch::Device;
+
+use crate::runtime::global;
+use crate::{
+    auto_manage_owned, Error, Location, ManageOptions, Managed, OwnedGuard, ResourcePoolManagement,
+    ResourceUser, Result,
+};
+
+/// Models that take turns on one shared device.
+///
+/// [`add`](Self::add) registers a model off the device (in host memory, or on
+/// the disk when the device is the CPU) and returns its id;
+/// [`fetch_model`](Self::fetch_model) returns an [`ExclusiveGuard`] once the
+/// model is on the device. At most one of the manager's models is on the
+/// shared device at any instant, and the model of a live guard keeps the device
+/// until the guard is dropped: a fetch of another model waits for it, then
+/// offloads it and loads its own. Several guards on the *same* model may be
+/// alive together. Fetching the model that is already on the device moves
+/// nothing. Fetches are served in arrival order.
+///
+/// The shared device is the first CUDA device of the pools, or the CPU without
+/// one (models then wait on the disk). Cheap to clone: clones share the models.
+///
+/// ```
+/// use sire::{SharedModelManager, TensorSet};
+/// use tch::{kind::FLOAT_CPU, Tensor};
+///
+/// # fn main() -> sire::Result<()> {
+/// # let dir = tempfile::tempdir()?;
+/// # let pools = sire::ResourcePoolManagement::builder().cuda(false).env(false).spill_dir(dir.path()).build()?;
+/// let shared = SharedModelManager::with_pools(pools);
+/// let a = shared.add(TensorSet::new([("w", Tensor::ones([4], FLOAT_CPU))])?)?;
+/// let b = shared.add(TensorSet::new([("w", Tensor::zeros([4], FLOAT_CPU))])?)?;
+/// assert_eq!((a.as_str(), b.as_str()), ("TensorSet", "TensorSet#2"));
+/// {
+///     let g = shared.fetch_model::<TensorSet>(&a)?;      // a on the device
+///     assert_eq!(shared.model_location(&a)?, shared.location());
+///     assert_eq!(g.get("w").unwrap().sum(tch::Kind::Float).double_value(&[]), 4.0);
+/// }
+/// let g = shared.fetch_model::<TensorSet>(&b)?;          // a offloaded, then b loaded
+/// assert_ne!(shared.model_location(&a)?, shared.location());
+/// # drop(g);
+/// assert!(matches!(shared.fetch_model::<TensorSet>("c"), Err(sire::Error::UnknownModel { .. })));
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct SharedModelManager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pools: ResourcePoolManagement,
+    location: Location,
+    models: RwLock<BTreeMap<String, Arc<dyn Model>>>,
+    /// Serialises `add` (id choice, registration) without blocking fetches.
+    adding: Mutex<()>,
+    turn: Arc<Turnstile>,
+}
+
+/// The type-erased side of a registered model.
+trait Model: Send + Sync {
+    fn offload(&self) -> Result<()>;
+    fn location(&self) -> Location;
+    fn type_name(&self) -> &'static str;
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<T: ResourceUser + Sync> Model for Managed<T> {
+    fn offload(&self) -> Result<()> {
+        Managed::offload(self)
+    }
+    fn location(&self) -> Location {
+        Managed::location(self)
+    }
+    fn type_name(&self) -> &'static str {
+        std::any::type_name::<T>()
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl SharedModelManager {
+    /// A manager on the global instance (see
+    /// [`setup_default_pools`](crate::setup_default_pools)).
+    pub fn new() -> Result<Self> {
+        Ok(Self::with_pools(global()?))
+    }
+
+    /// A manager on the given instance. Its shared device is the instance's
+    /// first CUDA pool, or the CPU when it has none.
+    pub fn with_pools(pools: ResourcePoolManagement) -> Self {
+        let location = pools
+            .pools()
+            .iter()
+            .map(|&(l, _)| l)
+            .find(|l| matches!(l, Location::Cuda(_)))
+            .unwrap_or(Location::Cpu);
+        SharedModelManager {
+            inner: Arc::new(Inner {
+                pools,
+                location,
+                models: RwLock::new(BTreeMap::new()),
+                adding: Mutex::new(()),
+                turn: Arc::new(Turnstile::default()),
+            }),
+        }
+    }
+
+    /// Registers a model and returns its id: the short name of its type
+    /// (`Detector` for `my_crate::Detector`), with `#2`, `#3`… appended when
+    /// taken. The model is kept off the shared device until fetched; where the
+    /// shared device is the CPU, this writes it to the disk tier.
+    pub fn add<T: ResourceUser + Sync>(&self, model: T) -> Result<String> {
+        let _adding = self.inner.adding.lock();
+        let base = short_type_name(std::any::type_name::<T>());
+        let id = {
+            let models = self.inner.models.read();
+            let mut id = base.to_string();
+            let mut n = 1;
+            while models.contains_key(&id) {
+                n += 1;
+                id = format!("{base}#{n}");
+            }
+            id
+        };
+        self.register(id.clone(), model)?;
+        Ok(id)
+    }
+
+    /// Registers a model under the given id ([`Error::InvalidOptions`] if the
+    /// id is taken); see [`add`](Self::add).
+    pub fn add_with_id<T: ResourceUser + Sync>(&self, id: impl Into<String>, model: T) -> Result<()> {
+        let _adding = self.inner.adding.lock();
+        let id = id.into();
+        if self.inner.models.read().contains_key(&id) {
+            return Err(Error::InvalidOptions { model: id, reason: "this id is already taken".into() });
+        }
+        self.register(id, model)
+    }
+
+    /// Called with `adding` held and `id` free.
+    fn register<T: ResourceUser + Sync>(&self, id: String, model: T) -> Result<()> {
+        let opts = ManageOptions::new().name(id.clone()).runtime(self.inner.location);
+        let m = self.inner.pools.manage_with(model, opts)?;
+        // Registration leaves the weights in host memory, which is the shared
+        // device when there is no GPU: move them to the offload tier.
+        m.offload()?;
+        self.inner.models.write().insert(id, Arc::new(m));
+        Ok(())
+    }
+
+    /// Waits for the shared device, makes `id` its occupant (offloading the
+    /// previous one, then loading this one; nothing moves if it is already
+    /// there) and returns a guard that keeps it there until dropped.
+    ///
+    /// Blocks the calling thread while it waits: in async code use
+    /// `fetch_model_async` (the `tokio` feature). Errors:
+    /// [`Error::UnknownModel`] (with the known ids), [`Error::WrongModelType`]
+    /// when `T` is not the type the model was added as, and the errors of
+    /// [`auto_manage`](crate::auto_manage) and [`Managed::offload`].
+    pub fn fetch_model<T: 'static>(&self, id: &str) -> Result<ExclusiveGuard<T>> {
+        let m = self.typed::<T>(id)?;
+        let (mut permit, admit) = self.inner.turn.enter_blocking(id);
+        if let Admit::Switch { prev: Some(prev) } = &admit {
+            self.model(prev)?.offload()?;
+            self.inner.turn.cleared();
+        }
+        let guard = auto_manage_owned(&m)?;
+        if matches!(admit, Admit::Switch { .. }) {
+            permit.switched(id);
+        }
+        Ok(ExclusiveGuard { guard, _permit: permit, id: id.to_string() })
+    }
+
+    /// Like [`fetch_model`](Self::fetch_model), for async code: waits without
+    /// blocking the executor, and moves bytes on tokio's blocking pool.
+    /// Dropping the future gives its turn back (requires the `tokio` feature).
+    #[cfg(feature = "tokio")]
+    pub async fn fetch_model_async<T: 'static>(&self, id: &str) -> Result<ExclusiveGuard<T>> {
+        let m = self.typed::<T>(id)?;
+        let (mut permit, admit) = self.inner.turn.enter_async(id).await;
+        if let Admit::Switch { prev: Some(prev) } = &admit {
+            let prev = self.model(prev)?;
+            crate::asyncs::blocking(move || prev.offload()).await??;
+            self.inner.turn.cleared();
+        }
+        let guard = crate::auto_manage_async(&m).await?;
+        if matches!(admit, Admit::Switch { .. }) {
+            permit.switched(id);
+        }
+        Ok(ExclusiveGuard { guard, _permit: permit, id: id.to_string() })
+    }
+
+    fn model(&self, id: &str) -> Result<Arc<dyn Model>> {
+        let models = self.inner.models.read();
+        models.get(id).cloned().ok_or_else(|| Error::UnknownModel {
+            id: id.to_string(),
+            known: models.keys().cloned().collect(),
+        })
+    }
+
+    fn typed<T: 'static>(&self, id: &str) -> Result<Managed<T>> {
+        let m = self.model(id)?;
+        m.as_any().downcast_ref::<Managed<T>>().cloned().ok_or_else(|| Error::WrongModelType {
+            id: id.to_string(),
+            requested: std::any::type_name::<T>(),
+            actual: m.type_name(),
+        })
+    }
+
+    /// The ids of the models, sorted.
+    pub fn ids(&self) -> Vec<String> {
+        self.inner.models.read().keys().cloned().collect()
+    }
+
+    /// The shared device's location.
+    pub fn location(&self) -> Location {
+        self.inner.location
+    }
+
+    /// Where a model's weights are now (the shared location while it is the
+    /// occupant, else `Cpu` or `Disk`).
+    pub fn model_location(&self, id: &str) -> Result<Location> {
+        Ok(self.model(id)?.location())
+    }
+
+    /// The instance the models are registered with.
+    pub fn pools(&self) -> &ResourcePoolManagement {
+        &self.inner.pools
+    }
+}
+
+impl fmt::Debug for SharedModelManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedModelManager")
+            .field("location", &self.inner.location)
+            .field("models", &self.ids())
+            .finish_non_exhaustive()
+    }
+}
+
+/// `my_crate::module::Detector<X>` -> `Detector`.
+fn short_type_name(full: &str) -> &str {
+    let path = full.split('<').next().unwrap_or(full);
+    path.rsplit("::").next().unwrap_or(path)
+}
+
+/// A model of a [`SharedModelManager`] on the shared device, and the device's
+/// exclusive use: no other model of the manager can be loaded there until this
+/// guard (and every other guard on the same model) is dropped. Dereferences to
+/// the model; dropping it (also by a panic unwinding) gives the turn back.
+#[must_use = "the shared device is given to the next model as soon as the guard is dropped"]
+pub struct ExclusiveGuard<T> {
+    // Field order is drop order: the model's use is released before the turn,
+    // so the next occupant always finds this one idle.
+    guard: OwnedGuard<T>,
+    _permit: Permit,
+    id: String,
+}
+
+impl<T> ExclusiveGuard<T> {
+    /// The device the model's weights are on: move inputs here.
+    pub fn device(&self) -> Device {
+        self.guard.device()
+    }
+
+    /// The model's id in its manager.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl<T> Deref for ExclusiveGuard<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.guard
+    }
+}
+
+impl<T> fmt::Debug for ExclusiveGuard<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExclusiveGuard").field("id", &self.id).field("device", &self.device()).finish()
+    }
+}
+
+// ------------------------------------------------------------------ the turnstile
+
+/// Who may use the shared device: a FIFO queue of fetches, each admitted when
+/// it reaches the head and either nobody holds the device or the holders use
+/// the same model (and no switch is under way).
+#[derive(Default)]
+struct Turnstile {
+    state: Mutex<TurnState>,
+    cond: Condvar,
+    #[cfg(feature = "tokio")]
+    notify: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct TurnState {
+    queue: VecDeque<(u64, String)>,
+    next_ticket: u64,
+    /// Admitted fetches not yet dropped.
+    holders: usize,
+    /// The model the holders use.
+    current: Option<String>,
+    /// The first holder is offloading the previous occupant and loading `current`.
+    switching: bool,
+    /// The model that may be on the shared device (`None`: none is).
+    resident: Option<String>,
+}
+
+/// What an admitted fetch must do.
+enum Admit {
+    /// The device is this model's already (in use or idle): just take a guard.
+    Join,
+    /// Offload `prev` (if any), then load.
+    Switch { prev: Option<String> },
+}
+
+impl Turnstile {
+    fn wake(&self) {
+        self.cond.notify_all();
+        #[cfg(feature = "tokio")]
+        self.notify.notify_waiters();
+    }
+
+    fn take_ticket(&self, st: &mut TurnState, id: &str) -> u64 {
+        let t = st.next_ticket;
+        st.next_ticket += 1;
+        st.queue.push_back((t, id.to_string()));
+        t
+    }
+
+    /// Admits `ticket` if it may go now.
+    fn try_admit(&self, st: &mut TurnState, ticket: u64) -> Option<Admit> {
+        let (t, id) = st.queue.front()?;
+        if *t != ticket || (st.holders > 0 && (st.switching || st.current.as_ref() != Some(id))) {
+            return None;
+        }
+        let (_, id) = st.queue.pop_front().expect("front exists");
+        st.holders += 1;
+        let admit = if st.holders == 1 && st.resident.as_ref() != Some(&id) {
+            st.switching = true;
+            Admit::Switch { prev: st.resident.clone() }
+        } else {
+            Admit::Join
+        };
+        st.current = Some(id);
+        Some(admit)
+    }
+
+    fn permit(self: &Arc<Self>, admit: &Admit) -> Permit {
+        Permit { turn: self.clone(), switching: matches!(admit, Admit::Switch { .. }) }
+    }
+
+    fn enter_blocking(self: &Arc<Self>, id: &str) -> (Permit, Admit) {
+        let mut st = self.state.lock();
+        let ticket = self.take_ticket(&mut st, id);
+        loop {
+            if let Some(admit) = self.try_admit(&mut st, ticket) {
+                drop(st);
+                self.wake(); // the next in line may join
+                return (self.permit(&admit), admit);
+            }
+            self.cond.wait(&mut st);
+        }
+    }
+
+    #[cfg(feature = "tokio")]
+    async fn enter_async(self: &Arc<Self>, id: &str) -> (Permit, Admit) {
+        let ticket = self.take_ticket(&mut self.state.lock(), id);
+        let mut queued = Queued { turn: self, ticket, admitted: false };
+        loop {
+            let notified = self.notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            let admitted = {
+                let mut st = self.state.lock();
+                self.try_admit(&mut st, ticket)
+            };
+            if let Some(admit) = admitted {
+                queued.admitted = true;
+                self.wake();
+                return (self.permit(&admit), admit);
+            }
+            notified.await;
+        }
+    }
+
+    /// The previous occupant left the device.
+    fn cleared(&self) {
+        self.state.lock().resident = None;
+    }
+}
+
+/// An async fetch's place in the queue; dropping the future removes it.
+#[cfg(feature = "tokio")]
+struct Queued<'a> {
+    turn: &'a Turnstile,
+    ticket: u64,
+    admitted: bool,
+}
+
+#[cfg(feature = "tokio")]
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if !self.admitted {
+            self.turn.state.lock().queue.retain(|(t, _)| *t != self.ticket);
+            self.turn.wake(); // the head may have changed
+        }
+    }
+}
+
+/// An admitted fetch's hold on the device.
+struct Permit {
+    turn: Arc<Turnstile>,
+    /// This holder is switching the device to its model (and has not finished).
+    switching: bool,
+}
+
+impl Permit {
+    /// The switch is done: `id` is on the device.
+    fn switched(&mut self, id: &str) {
+        let mut st = self.turn.state.lock();
+        st.resident = Some(id.to_string());
+        st.switching = false;
+        self.switching = false;
+        drop(st);
+        self.turn.wake();
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut st = self.turn.state.lock();
+        st.holders -= 1;
+        if self.switching {
+            st.switching = false; // the switch failed or was cancelled
+        }
+        drop(st);
+        self.turn.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_type_name;
+
+    #[test]
+    fn short_type_names() {
+        assert_eq!(short_type_name("sire::user::TensorSet"), "TensorSet");
+        assert_eq!(short_type_name("Net"), "Net");
+        assert_eq!(short_type_name("a::Wrap<b::Inner>"), "Wrap");
+    }
+}
