@@ -3,9 +3,11 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod budget;
+mod commit;
 mod error;
 mod ffi;
 mod location;
+mod lora;
 mod managed;
 mod manager;
 mod options;
@@ -14,8 +16,10 @@ mod spill;
 mod stats;
 mod user;
 
+pub use commit::{BoxError, Commit, CommitId, CommitInfo};
 pub use error::{Error, Result};
 pub use location::Location;
+pub use lora::Lora;
 pub use managed::{
     auto_manage, auto_manage_owned, auto_manage_timeout, manage, manage_with, try_auto_manage, Guard,
     Managed, OwnedGuard,

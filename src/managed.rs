@@ -7,23 +7,42 @@ use std::time::{Duration, Instant};
 
 use tch::Device;
 
+use crate::commit::{self, Commit, CommitId, CommitInfo, ModelCommits, Stack};
 use crate::manager::{ModelCore, Wait};
 use crate::runtime::global;
-use crate::{Location, ManageOptions, ResourcePoolManagement, ResourceUser, Result};
+use crate::{Error, Location, ManageOptions, ResourcePoolManagement, ResourceUser, Result};
 
 /// A model registered with a [`ResourcePoolManagement`].
 ///
 /// A cheap handle: clones share the model. Its weights move between tiers on
 /// their own; use them inside a guard from [`auto_manage`]. When the last
 /// handle is dropped the model is unregistered and its spill file deleted.
+///
+/// A handle also carries a stack of commits (patches such as LoRA, see
+/// [`Managed::commit`]), shared by its clones; [`Managed::variant`] makes a
+/// handle with a stack of its own over the same base weights.
 pub struct Managed<T> {
     shared: Arc<Shared<T>>,
+    stack: Arc<Stack>,
 }
 
 struct Shared<T> {
     model: T,
     core: Arc<ModelCore>,
     pools: ResourcePoolManagement,
+    commits: ModelCommits,
+}
+
+impl<T> Shared<T> {
+    /// Gives back a guard's use (`hold`: it came through the commit path).
+    #[inline]
+    fn release(&self, hold: bool) {
+        if hold {
+            commit::release(&self.pools.inner, &self.core, &self.commits);
+        } else {
+            self.pools.inner.release(&self.core);
+        }
+    }
 }
 
 impl<T> Drop for Shared<T> {
@@ -35,7 +54,7 @@ impl<T> Drop for Shared<T> {
 
 impl<T> Clone for Managed<T> {
     fn clone(&self) -> Self {
-        Managed { shared: self.shared.clone() }
+        Managed { shared: self.shared.clone(), stack: self.stack.clone() }
     }
 }
 
@@ -51,7 +70,10 @@ impl<T> fmt::Debug for Managed<T> {
 
 impl<T> Managed<T> {
     pub(crate) fn new(model: T, core: Arc<ModelCore>, pools: ResourcePoolManagement) -> Self {
-        Managed { shared: Arc::new(Shared { model, core, pools }) }
+        Managed {
+            shared: Arc::new(Shared { model, core, pools, commits: ModelCommits::default() }),
+            stack: Arc::default(),
+        }
     }
 
     /// The model's name.
@@ -97,12 +119,112 @@ impl<T> Managed<T> {
         &self.shared.model
     }
 
-    fn acquire(&self, wait: Wait) -> Result<()> {
-        self.shared.pools.inner.acquire(&self.shared.core, wait)
+    /// Takes a use; `true` when it came through the commit path (see `commit.rs`).
+    #[inline]
+    fn acquire(&self, wait: Wait) -> Result<bool> {
+        let s = &*self.shared;
+        if !s.commits.is_active() {
+            s.pools.inner.acquire(&s.core, wait)?;
+            if !s.commits.is_active_after_acquire() {
+                return Ok(false);
+            }
+            // The model got its first commit meanwhile: take the commit path.
+            s.pools.inner.release(&s.core);
+        }
+        commit::acquire(&s.pools.inner, &s.core, &s.commits, &self.stack, wait)?;
+        Ok(true)
     }
 
     fn deadline(&self, timeout: Duration) -> Wait {
         Wait::Until(Instant::now() + timeout, timeout)
+    }
+}
+
+// ----------------------------------------------------------------- commits (see commit.rs)
+
+impl<T> Managed<T> {
+    /// Pushes a commit onto this handle's stack and returns its id.
+    ///
+    /// Every target name, shape and dtype is checked first, against the model's
+    /// inventory (no weights need to be loaded); on error nothing changes. The
+    /// weights change lazily: the next guard from this handle (or a clone) brings
+    /// the model to the new stack, after guards already alive have dropped (a
+    /// live guard's weights never change under it). Patches go to the runtime
+    /// copy only; the base weights are never written, so reverts are exact and an
+    /// evicted model comes back with the same patches.
+    ///
+    /// ```
+    /// # fn main() -> sire::Result<()> {
+    /// use sire::{Commit, TensorSet};
+    /// use tch::{Kind, Tensor};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let pools = sire::ResourcePoolManagement::builder().cuda(false).env(false)
+    /// #     .cpu_budget(64 << 20).spill_dir(dir.path()).build()?;
+    /// let w = Tensor::randn([8, 16], (Kind::Float, tch::Device::Cpu));
+    /// let m = pools.manage(TensorSet::new([("w", w.copy())])?)?;
+    /// let (a, b) = (Tensor::randn([2, 16], tch::kind::FLOAT_CPU), Tensor::randn([8, 2], tch::kind::FLOAT_CPU));
+    /// let id = m.commit(Commit::lora("w", a.copy(), b.copy(), 0.5))?;
+    /// {
+    ///     let g = sire::auto_manage(&m)?; // the LoRA is applied here
+    ///     assert!(g.get("w").unwrap().equal(&(&w + b.mm(&a) * 0.5)));
+    /// }
+    /// assert_eq!(m.revert(), Some(id));
+    /// let g = sire::auto_manage(&m)?;
+    /// assert!(g.get("w").unwrap().equal(&w)); // bit for bit
+    /// # Ok(()) }
+    /// ```
+    pub fn commit(&self, commit: Commit) -> Result<CommitId> {
+        let s = &*self.shared;
+        let record = commit::resolve(&s.core.name, s.commits.index(&s.core), commit)?;
+        let id = record.id();
+        s.commits.activate();
+        self.stack.push(record);
+        Ok(id)
+    }
+
+    /// Pops the newest commit of this handle's stack (a squashed commit as one
+    /// unit) and returns its id, or `None` if the stack is empty. Like
+    /// [`commit`](Managed::commit), it takes effect at the next guard.
+    pub fn revert(&self) -> Option<CommitId> {
+        self.stack.pop()
+    }
+
+    /// Reverts every commit newer than `id`, which stays;
+    /// [`Error::UnknownCommit`] if `id` is not on this handle's stack.
+    pub fn revert_to(&self, id: CommitId) -> Result<()> {
+        if self.stack.truncate(Some(id)) {
+            Ok(())
+        } else {
+            Err(Error::UnknownCommit { model: self.name().to_string(), id })
+        }
+    }
+
+    /// Reverts every commit: the next guard sees the base weights, bit for bit.
+    pub fn revert_all(&self) {
+        self.stack.truncate(None);
+    }
+
+    /// This handle's commits, oldest first.
+    pub fn commits(&self) -> Vec<CommitInfo> {
+        self.stack.infos()
+    }
+
+    /// A handle on the same model (same base weights, same pools) with a commit
+    /// stack of its own, starting as a copy of this handle's stack.
+    ///
+    /// Guards from handles whose stacks are equal share the model; a guard from
+    /// a handle with another stack waits until every guard of the model has
+    /// dropped, then rebases the model (reverts the divergent commits, newest
+    /// first, and applies the missing ones) and holds it until dropped. Variants
+    /// used from several threads therefore take turns on the one base copy.
+    pub fn variant(&self) -> Managed<T> {
+        self.shared.commits.activate();
+        Managed { shared: self.shared.clone(), stack: Arc::new(self.stack.fork()) }
+    }
+
+    /// The names of the model's tensors (aliases included), as commits name them.
+    pub fn tensor_names(&self) -> Vec<String> {
+        self.shared.commits.index(&self.shared.core).names().to_vec()
     }
 }
 
@@ -122,22 +244,22 @@ pub fn auto_manage<T>(m: &Managed<T>) -> Result<Guard<'_, T>> {
 
 /// Like [`auto_manage`], waiting at most `timeout` for room.
 pub fn auto_manage_timeout<T>(m: &Managed<T>, timeout: Duration) -> Result<Guard<'_, T>> {
-    m.acquire(m.deadline(timeout))?;
-    Ok(Guard { shared: &m.shared })
+    let hold = m.acquire(m.deadline(timeout))?;
+    Ok(Guard { shared: &m.shared, hold })
 }
 
 /// Like [`auto_manage`], but never waits: fails at once if room is held by models in use.
 pub fn try_auto_manage<T>(m: &Managed<T>) -> Result<Guard<'_, T>> {
-    m.acquire(Wait::No)?;
-    Ok(Guard { shared: &m.shared })
+    let hold = m.acquire(Wait::No)?;
+    Ok(Guard { shared: &m.shared, hold })
 }
 
 /// Like [`auto_manage`], returning a guard that owns a handle on the model
 /// (`'static`, can be moved to another thread or stored).
 pub fn auto_manage_owned<T>(m: &Managed<T>) -> Result<OwnedGuard<T>> {
     let timeout = m.shared.pools.inner.wait_timeout;
-    m.acquire(m.deadline(timeout))?;
-    Ok(OwnedGuard { shared: m.shared.clone() })
+    let hold = m.acquire(m.deadline(timeout))?;
+    Ok(OwnedGuard { shared: m.shared.clone(), hold })
 }
 
 /// Registers a model with the global instance (set up on first use), with default options.
@@ -155,6 +277,7 @@ pub fn manage_with<T: ResourceUser>(model: T, opts: ManageOptions) -> Result<Man
 #[must_use = "the model may be evicted as soon as the guard is dropped"]
 pub struct Guard<'a, T> {
     shared: &'a Shared<T>,
+    hold: bool,
 }
 
 impl<T> Guard<'_, T> {
@@ -173,7 +296,7 @@ impl<T> Deref for Guard<'_, T> {
 
 impl<T> Drop for Guard<'_, T> {
     fn drop(&mut self) {
-        self.shared.pools.inner.release(&self.shared.core);
+        self.shared.release(self.hold);
     }
 }
 
@@ -190,6 +313,7 @@ impl<T> fmt::Debug for Guard<'_, T> {
 #[must_use = "the model may be evicted as soon as the guard is dropped"]
 pub struct OwnedGuard<T> {
     shared: Arc<Shared<T>>,
+    hold: bool,
 }
 
 impl<T> OwnedGuard<T> {
@@ -208,7 +332,7 @@ impl<T> Deref for OwnedGuard<T> {
 
 impl<T> Drop for OwnedGuard<T> {
     fn drop(&mut self) {
-        self.shared.pools.inner.release(&self.shared.core);
+        self.shared.release(self.hold);
     }
 }
 
