@@ -118,7 +118,7 @@ struct Frozen(Tensor);
 unsafe impl Sync for Frozen {}
 
 enum WeightOp {
-    /// `W += scale * (B @ A)`, A `[r, in...]`, B `[out, r...]`.
+    /// `W += (scale * B) @ A`, A `[r, in...]`, B `[out, r...]`.
     Lora {
         a: Frozen,
         b: Frozen,
@@ -140,8 +140,9 @@ impl Commit {
     /// Give the effective scale: LoRA files use `multiplier · alpha / rank`
     /// ([`Lora`](crate::Lora) computes it).
     ///
-    /// Exactly: `Δ = (B·A)·scale` in f32 (product rounded, then the scaling),
-    /// then `W ← W + Δ` in f32, rounded to W's dtype.
+    /// Exactly: `Δ = (scale·B)·A` in f32 (f64 for f64 weights; the scaled
+    /// factor rounded, then the product), then `W ← W + Δ` in f32, rounded to
+    /// W's dtype.
     pub fn lora(target: impl Into<String>, a: Tensor, b: Tensor, scale: f64) -> Commit {
         let target = target.into();
         Commit {
@@ -858,23 +859,17 @@ fn compute(buf: &Tensor, src: Option<&Tensor>, ops: &[OpRef]) -> Result<()> {
                 let rank = a.0.size()[0];
                 let out = shape[0];
                 let a = on(&a.0, device, acc)?.f_reshape([rank, -1])?;
-                let b = on(&b.0, device, acc)?.f_reshape([out, rank])?;
+                let mut b = on(&b.0, device, acc)?.f_reshape([out, rank])?;
+                if *scale != 1.0 {
+                    b = b.f_mul_scalar(*scale)?; // the small factor: no pass over the weight
+                }
                 match from {
                     // Straight into the buffer: Δ, then Δ + W (the same sums as W + Δ).
                     Some(w) if kind == acc => {
                         let _ = b.f_mm_out(&buf.f_view([out, -1])?, &a)?;
-                        if *scale != 1.0 {
-                            let _ = buf.f_mul_scalar_(*scale)?;
-                        }
                         let _ = buf.f_add_(w)?;
                     }
-                    _ => {
-                        let mut delta = b.f_mm(&a)?;
-                        if *scale != 1.0 {
-                            delta = delta.f_mul_scalar(*scale)?;
-                        }
-                        add(&mut buf, from, &delta.f_reshape(&shape[..])?, acc)?;
-                    }
+                    _ => add(&mut buf, from, &b.f_mm(&a)?.f_reshape(&shape[..])?, acc)?,
                 }
             }
         }
@@ -950,7 +945,7 @@ mod tests {
         });
         let buf = Tensor::empty([6, 5], (Kind::Half, Device::Cpu));
         compute(&buf, Some(&base), &[OpRef { rec, part: 0 }]).unwrap();
-        let want = (base.to_kind(Kind::Float) + b.mm(&a) * 0.25).to_kind(Kind::Half);
+        let want = (base.to_kind(Kind::Float) + (&b * 0.25).mm(&a)).to_kind(Kind::Half);
         assert!(buf.equal(&want));
     }
 }

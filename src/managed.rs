@@ -166,7 +166,7 @@ impl<T> Managed<T> {
     /// let id = m.commit(Commit::lora("w", a.copy(), b.copy(), 0.5))?;
     /// {
     ///     let g = sire::auto_manage(&m)?; // the LoRA is applied here
-    ///     assert!(g.get("w").unwrap().equal(&(&w + b.mm(&a) * 0.5)));
+    ///     assert!(g.get("w").unwrap().equal(&(&w + (&b * 0.5).mm(&a))));
     /// }
     /// assert_eq!(m.revert(), Some(id));
     /// let g = sire::auto_manage(&m)?;

@@ -42,7 +42,7 @@ impl Op {
     fn apply(&self, w: &Tensor) -> Tensor {
         let kind = w.kind();
         match self {
-            Op::Lora(a, b, s) => (w.to_kind(Kind::Float) + b.mm(a) * *s).to_kind(kind),
+            Op::Lora(a, b, s) => (w.to_kind(Kind::Float) + (b * *s).mm(a)).to_kind(kind),
             Op::Delta(d) => (w.to_kind(Kind::Float) + d).to_kind(kind),
             Op::Replace(r) => r.to_kind(kind),
         }

@@ -34,13 +34,13 @@ impl Op {
         }
     }
 
-    /// `W ← round(f32(W) + Δ)`, `Δ = (B·A)·scale` (f64 for f64 weights).
+    /// `W ← round(f32(W) + Δ)`, `Δ = (scale·B)·A` (f64 for f64 weights).
     fn apply(&self, w: &Tensor) -> Tensor {
         let kind = w.kind();
         let acc = if kind == Kind::Double { Kind::Double } else { Kind::Float };
         match self {
             Op::Lora(a, b, s) => {
-                let d = b.to_kind(acc).mm(&a.to_kind(acc)) * *s;
+                let d = (b.to_kind(acc) * *s).mm(&a.to_kind(acc));
                 (w.to_kind(acc) + d.reshape(w.size())).to_kind(kind)
             }
             Op::Delta(d) => (w.to_kind(acc) + d.to_kind(acc)).to_kind(kind),
