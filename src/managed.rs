@@ -216,7 +216,9 @@ impl<T> Managed<T> {
     /// a handle with another stack waits until every guard of the model has
     /// dropped, then rebases the model (reverts the divergent commits, newest
     /// first, and applies the missing ones) and holds it until dropped. Variants
-    /// used from several threads therefore take turns on the one base copy.
+    /// used from several threads therefore take turns on the one base copy; a
+    /// thread that holds a guard from one variant and asks for a guard from
+    /// another waits out its timeout and gets [`Error::InUse`].
     pub fn variant(&self) -> Managed<T> {
         self.shared.commits.activate();
         Managed { shared: self.shared.clone(), stack: Arc::new(self.stack.fork()) }

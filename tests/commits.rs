@@ -607,3 +607,60 @@ fn lora_files_in_both_layouts_map_onto_a_varstore() {
         other => panic!("expected UnmatchedKey, got {other:?}"),
     }
 }
+
+/// GPU: run with `--features cuda-tests` (fails, never skips, without CUDA).
+#[cfg(feature = "cuda-tests")]
+mod cuda {
+    use super::*;
+
+    #[test]
+    fn patches_live_on_the_gpu_copy_and_never_reach_the_home() {
+        let p = sire::ResourcePoolManagement::builder()
+            .env(false)
+            .cuda_budget(1 << 30)
+            .cpu_budget(8 << 30)
+            .build()
+            .unwrap();
+        assert!(tch::Cuda::is_available(), "cuda-tests asked for, but libtorch sees no CUDA device");
+        let set = mixed_set(12);
+        let mut r = Reference::new(&set);
+        let m = p.manage(set).unwrap();
+        assert_eq!(m.runtime(), Location::Cuda(0));
+        r.commit(&m, vec![("w1", lora(16, 32, 4, 0.5)), ("w2", Op::Delta(Tensor::randn([16, 32], F32)))]);
+        let names = ["w1", "w2", "w3", "bias"];
+        let read = |m: &sire::Managed<TensorSet>| -> Vec<Vec<u8>> {
+            let g = auto_manage(m).unwrap();
+            names
+                .iter()
+                .map(|n| {
+                    let t = g.get(n).unwrap();
+                    assert_eq!(t.device(), Device::Cuda(0), "`{n}` is not on the GPU");
+                    bytes_of(&t.to_device(Device::Cpu))
+                })
+                .collect()
+        };
+        let patched = read(&m);
+        {
+            // cuBLAS and the CPU may round products differently: compare with a tolerance.
+            let g = auto_manage(&m).unwrap();
+            for n in names {
+                let got = g.get(n).unwrap().to_device(Device::Cpu).to_kind(Kind::Double);
+                let want = r.expected(n).to_kind(Kind::Double);
+                assert!(got.allclose(&want, 1e-2, 1e-3, false), "`{n}` differs from the reference");
+            }
+        }
+        m.offload().unwrap();
+        assert_eq!(m.location(), Location::Cpu);
+        let home = m.get_unguarded();
+        for (n, base) in &r.base {
+            assert_eq!(bytes_of(&home.get(n).unwrap()), bytes_of(base), "the home copy of `{n}` was written");
+        }
+        assert_eq!(p.stats().bytes_device_to_host, 0, "patches are not user writes: nothing copied back");
+        assert_eq!(read(&m), patched, "reloaded with the same patched weights");
+        m.revert_all();
+        r.stack.clear();
+        let base: Vec<Vec<u8>> = r.base.iter().map(|(_, t)| bytes_of(t)).collect();
+        assert_eq!(read(&m), base, "reverted to the base, bit for bit");
+        check_invariants(&p.stats());
+    }
+}
