@@ -40,15 +40,25 @@ use crate::{Error, Managed, OwnedGuard, Result};
 /// assert_eq!(y.double_value(&[]), 4.0);
 /// # Ok(()) }
 /// ```
-pub async fn auto_manage_async<T>(m: &Managed<T>) -> Result<OwnedGuard<T>> {
+pub async fn auto_manage_async<T: Send + Sync + 'static>(m: &Managed<T>) -> Result<OwnedGuard<T>> {
     let timeout = m.pools().inner.wait_timeout;
     auto_manage_async_timeout(m, timeout).await
 }
 
 /// Like [`auto_manage_async`], waiting at most `timeout` for room, then failing
 /// with [`Error::OutOfMemory`].
-pub async fn auto_manage_async_timeout<T>(m: &Managed<T>, timeout: Duration) -> Result<OwnedGuard<T>> {
+pub async fn auto_manage_async_timeout<T: Send + Sync + 'static>(
+    m: &Managed<T>,
+    timeout: Duration,
+) -> Result<OwnedGuard<T>> {
     let inner = &m.pools().inner;
+    if m.has_commits() {
+        // The commit path (variant turns, rebases) blocks: run it whole on the
+        // blocking pool. If this future is dropped meanwhile, the guard it
+        // produces is dropped with the task's output, which releases it.
+        let m = m.clone();
+        return blocking(move || m.owned_timeout(timeout)).await?;
+    }
     if inner.hit(m.core()) {
         return Ok(m.adopt_use());
     }

@@ -175,6 +175,80 @@ pub enum Error {
         actual: &'static str,
     },
 
+    /// A commit names a tensor the model does not have.
+    #[error("model `{model}` has no tensor `{name}`")]
+    UnknownTensor {
+        /// Name of the model.
+        model: String,
+        /// The tensor name that was not found.
+        name: String,
+    },
+
+    /// A commit's tensor does not fit the weight it targets.
+    #[error("model `{model}`: tensor `{name}` is {expected:?} but the commit gives {found:?}")]
+    ShapeMismatch {
+        /// Name of the model.
+        model: String,
+        /// The targeted tensor.
+        name: String,
+        /// The weight's shape.
+        expected: Vec<i64>,
+        /// The shape the commit would produce or replace it with.
+        found: Vec<i64>,
+    },
+
+    /// A commit cannot apply to this model (wrong dtype, malformed LoRA factors...).
+    #[error("invalid commit for model `{model}`: {reason}")]
+    InvalidCommit {
+        /// Name of the model.
+        model: String,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// `revert_to` names a commit that is not on this handle's stack.
+    #[error("model `{model}` has no commit {id} on this handle's stack")]
+    UnknownCommit {
+        /// Name of the model.
+        model: String,
+        /// The commit asked for.
+        id: crate::CommitId,
+    },
+
+    /// A closure commit's apply or revert function failed while a guard brought
+    /// the model to its commit stack; the model was left as it was before.
+    #[error("model `{model}`: commit `{commit}` failed to {action}: {source}")]
+    CommitFailed {
+        /// Name of the model.
+        model: String,
+        /// The commit's label and id.
+        commit: String,
+        /// `apply` or `revert`.
+        action: &'static str,
+        /// The closure's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// A LoRA file is malformed (a factor without its pair, an unknown key
+    /// layout, a non-scalar alpha).
+    #[error("LoRA {origin}: {reason}")]
+    InvalidLora {
+        /// The file (or `tensors` when built from tensors).
+        origin: String,
+        /// What is wrong, naming the key.
+        reason: String,
+    },
+
+    /// A LoRA module matches no tensor of the model (or several).
+    #[error("LoRA key `{key}` matches no tensor of the model: {detail}")]
+    UnmatchedKey {
+        /// The module key as written in the LoRA file.
+        key: String,
+        /// The names tried, or the candidates when several match.
+        detail: String,
+    },
+
     /// A failure inside libtorch.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

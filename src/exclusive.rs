@@ -188,7 +188,7 @@ impl SharedModelManager {
     /// blocking the executor, and moves bytes on tokio's blocking pool.
     /// Dropping the future gives its turn back (requires the `tokio` feature).
     #[cfg(feature = "tokio")]
-    pub async fn fetch_model_async<T: 'static>(&self, id: &str) -> Result<ExclusiveGuard<T>> {
+    pub async fn fetch_model_async<T: Send + Sync + 'static>(&self, id: &str) -> Result<ExclusiveGuard<T>> {
         let m = self.typed::<T>(id)?;
         let (mut permit, admit) = self.inner.turn.enter_async(id).await;
         if let Admit::Switch { prev: Some(prev) } = &admit {

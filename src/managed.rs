@@ -7,23 +7,42 @@ use std::time::{Duration, Instant};
 
 use tch::Device;
 
+use crate::commit::{self, Commit, CommitId, CommitInfo, ModelCommits, Stack};
 use crate::manager::{ModelCore, Wait};
 use crate::runtime::global;
-use crate::{Location, ManageOptions, ResourcePoolManagement, ResourceUser, Result};
+use crate::{Error, Location, ManageOptions, ResourcePoolManagement, ResourceUser, Result};
 
 /// A model registered with a [`ResourcePoolManagement`].
 ///
 /// A cheap handle: clones share the model. Its weights move between tiers on
 /// their own; use them inside a guard from [`auto_manage`]. When the last
 /// handle is dropped the model is unregistered and its spill file deleted.
+///
+/// A handle also carries a stack of commits (patches such as LoRA, see
+/// [`Managed::commit`]), shared by its clones; [`Managed::variant`] makes a
+/// handle with a stack of its own over the same base weights.
 pub struct Managed<T> {
     shared: Arc<Shared<T>>,
+    stack: Arc<Stack>,
 }
 
 struct Shared<T> {
     model: T,
     core: Arc<ModelCore>,
     pools: ResourcePoolManagement,
+    commits: ModelCommits,
+}
+
+impl<T> Shared<T> {
+    /// Gives back a guard's use (`hold`: it came through the commit path).
+    #[inline]
+    fn release(&self, hold: bool) {
+        if hold {
+            commit::release(&self.pools.inner, &self.core, &self.commits);
+        } else {
+            self.pools.inner.release(&self.core);
+        }
+    }
 }
 
 impl<T> Drop for Shared<T> {
@@ -35,7 +54,7 @@ impl<T> Drop for Shared<T> {
 
 impl<T> Clone for Managed<T> {
     fn clone(&self) -> Self {
-        Managed { shared: self.shared.clone() }
+        Managed { shared: self.shared.clone(), stack: self.stack.clone() }
     }
 }
 
@@ -51,7 +70,10 @@ impl<T> fmt::Debug for Managed<T> {
 
 impl<T> Managed<T> {
     pub(crate) fn new(model: T, core: Arc<ModelCore>, pools: ResourcePoolManagement) -> Self {
-        Managed { shared: Arc::new(Shared { model, core, pools }) }
+        Managed {
+            shared: Arc::new(Shared { model, core, pools, commits: ModelCommits::default() }),
+            stack: Arc::default(),
+        }
     }
 
     /// The model's name.
@@ -106,15 +128,117 @@ impl<T> Managed<T> {
     where
         T: Send + Sync + 'static,
     {
-        ModelHandle { core: self.shared.core.clone(), keep: self.shared.clone() }
+        ModelHandle { core: self.shared.core.clone(), keep: self.shared.clone(), stack: self.stack.clone() }
     }
 
-    fn acquire(&self, wait: Wait) -> Result<()> {
-        self.shared.pools.inner.acquire(&self.shared.core, wait)
+    /// Takes a use; `true` when it came through the commit path (see `commit.rs`).
+    #[inline]
+    fn acquire(&self, wait: Wait) -> Result<bool> {
+        let s = &*self.shared;
+        if !s.commits.is_active() {
+            s.pools.inner.acquire(&s.core, wait)?;
+            if !s.commits.is_active_after_acquire() {
+                return Ok(false);
+            }
+            // The model got its first commit meanwhile: take the commit path.
+            s.pools.inner.release(&s.core);
+        }
+        commit::acquire(&s.pools.inner, &s.core, &s.commits, &self.stack, wait)?;
+        Ok(true)
     }
 
     fn deadline(&self, timeout: Duration) -> Wait<'static> {
         Wait::Until(Instant::now() + timeout, timeout)
+    }
+}
+
+// ----------------------------------------------------------------- commits (see commit.rs)
+
+impl<T> Managed<T> {
+    /// Pushes a commit onto this handle's stack and returns its id.
+    ///
+    /// Every target name, shape and dtype is checked first, against the model's
+    /// inventory (no weights need to be loaded); on error nothing changes. The
+    /// weights change lazily: the next guard from this handle (or a clone) brings
+    /// the model to the new stack, after guards already alive have dropped (a
+    /// live guard's weights never change under it). Patches go to the runtime
+    /// copy only; the base weights are never written, so reverts are exact and an
+    /// evicted model comes back with the same patches.
+    ///
+    /// ```
+    /// # fn main() -> sire::Result<()> {
+    /// use sire::{Commit, TensorSet};
+    /// use tch::{Kind, Tensor};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let pools = sire::ResourcePoolManagement::builder().cuda(false).env(false)
+    /// #     .cpu_budget(64 << 20).spill_dir(dir.path()).build()?;
+    /// let w = Tensor::randn([8, 16], (Kind::Float, tch::Device::Cpu));
+    /// let m = pools.manage(TensorSet::new([("w", w.copy())])?)?;
+    /// let (a, b) = (Tensor::randn([2, 16], tch::kind::FLOAT_CPU), Tensor::randn([8, 2], tch::kind::FLOAT_CPU));
+    /// let id = m.commit(Commit::lora("w", a.copy(), b.copy(), 0.5))?;
+    /// {
+    ///     let g = sire::auto_manage(&m)?; // the LoRA is applied here
+    ///     assert!(g.get("w").unwrap().equal(&(&w + (&b * 0.5).mm(&a))));
+    /// }
+    /// assert_eq!(m.revert(), Some(id));
+    /// let g = sire::auto_manage(&m)?;
+    /// assert!(g.get("w").unwrap().equal(&w)); // bit for bit
+    /// # Ok(()) }
+    /// ```
+    pub fn commit(&self, commit: Commit) -> Result<CommitId> {
+        let s = &*self.shared;
+        let record = commit::resolve(&s.core.name, s.commits.index(&s.core), commit)?;
+        let id = record.id();
+        s.commits.activate();
+        self.stack.push(record);
+        Ok(id)
+    }
+
+    /// Pops the newest commit of this handle's stack (a squashed commit as one
+    /// unit) and returns its id, or `None` if the stack is empty. Like
+    /// [`commit`](Managed::commit), it takes effect at the next guard.
+    pub fn revert(&self) -> Option<CommitId> {
+        self.stack.pop()
+    }
+
+    /// Reverts every commit newer than `id`, which stays;
+    /// [`Error::UnknownCommit`] if `id` is not on this handle's stack.
+    pub fn revert_to(&self, id: CommitId) -> Result<()> {
+        if self.stack.truncate(Some(id)) {
+            Ok(())
+        } else {
+            Err(Error::UnknownCommit { model: self.name().to_string(), id })
+        }
+    }
+
+    /// Reverts every commit: the next guard sees the base weights, bit for bit.
+    pub fn revert_all(&self) {
+        self.stack.truncate(None);
+    }
+
+    /// This handle's commits, oldest first.
+    pub fn commits(&self) -> Vec<CommitInfo> {
+        self.stack.infos()
+    }
+
+    /// A handle on the same model (same base weights, same pools) with a commit
+    /// stack of its own, starting as a copy of this handle's stack.
+    ///
+    /// Guards from handles whose stacks are equal share the model; a guard from
+    /// a handle with another stack waits until every guard of the model has
+    /// dropped, then rebases the model (reverts the divergent commits, newest
+    /// first, and applies the missing ones) and holds it until dropped. Variants
+    /// used from several threads therefore take turns on the one base copy; a
+    /// thread that holds a guard from one variant and asks for a guard from
+    /// another waits out its timeout and gets [`Error::InUse`].
+    pub fn variant(&self) -> Managed<T> {
+        self.shared.commits.activate();
+        Managed { shared: self.shared.clone(), stack: Arc::new(self.stack.fork()) }
+    }
+
+    /// The names of the model's tensors (aliases included), as commits name them.
+    pub fn tensor_names(&self) -> Vec<String> {
+        self.shared.commits.index(&self.shared.core).names().to_vec()
     }
 }
 
@@ -134,22 +258,22 @@ pub fn auto_manage<T>(m: &Managed<T>) -> Result<Guard<'_, T>> {
 
 /// Like [`auto_manage`], waiting at most `timeout` for room.
 pub fn auto_manage_timeout<T>(m: &Managed<T>, timeout: Duration) -> Result<Guard<'_, T>> {
-    m.acquire(m.deadline(timeout))?;
-    Ok(Guard { shared: &m.shared })
+    let hold = m.acquire(m.deadline(timeout))?;
+    Ok(Guard { shared: &m.shared, hold })
 }
 
 /// Like [`auto_manage`], but never waits: fails at once if room is held by models in use.
 pub fn try_auto_manage<T>(m: &Managed<T>) -> Result<Guard<'_, T>> {
-    m.acquire(Wait::No)?;
-    Ok(Guard { shared: &m.shared })
+    let hold = m.acquire(Wait::No)?;
+    Ok(Guard { shared: &m.shared, hold })
 }
 
 /// Like [`auto_manage`], returning a guard that owns a handle on the model
 /// (`'static`, can be moved to another thread or stored).
 pub fn auto_manage_owned<T>(m: &Managed<T>) -> Result<OwnedGuard<T>> {
     let timeout = m.shared.pools.inner.wait_timeout;
-    m.acquire(m.deadline(timeout))?;
-    Ok(OwnedGuard { shared: m.shared.clone() })
+    let hold = m.acquire(m.deadline(timeout))?;
+    Ok(OwnedGuard { shared: m.shared.clone(), hold })
 }
 
 /// Registers a model with the global instance (set up on first use), with default options.
@@ -167,6 +291,7 @@ pub fn manage_with<T: ResourceUser>(model: T, opts: ManageOptions) -> Result<Man
 #[must_use = "the model may be evicted as soon as the guard is dropped"]
 pub struct Guard<'a, T> {
     shared: &'a Shared<T>,
+    hold: bool,
 }
 
 impl<T> Guard<'_, T> {
@@ -185,7 +310,7 @@ impl<T> Deref for Guard<'_, T> {
 
 impl<T> Drop for Guard<'_, T> {
     fn drop(&mut self) {
-        self.shared.pools.inner.release(&self.shared.core);
+        self.shared.release(self.hold);
     }
 }
 
@@ -202,6 +327,7 @@ impl<T> fmt::Debug for Guard<'_, T> {
 #[must_use = "the model may be evicted as soon as the guard is dropped"]
 pub struct OwnedGuard<T> {
     shared: Arc<Shared<T>>,
+    hold: bool,
 }
 
 impl<T> OwnedGuard<T> {
@@ -220,7 +346,7 @@ impl<T> Deref for OwnedGuard<T> {
 
 impl<T> Drop for OwnedGuard<T> {
     fn drop(&mut self) {
-        self.shared.pools.inner.release(&self.shared.core);
+        self.shared.release(self.hold);
     }
 }
 
@@ -239,16 +365,22 @@ impl<T> fmt::Debug for OwnedGuard<T> {
 pub struct ModelHandle {
     core: Arc<ModelCore>,
     keep: Arc<dyn Registration>,
+    /// The commit stack of the handle it came from.
+    stack: Arc<Stack>,
 }
 
 /// What a [`ModelHandle`] keeps alive: the model's registration.
 trait Registration: Send + Sync {
     fn pools(&self) -> &ResourcePoolManagement;
+    fn commits(&self) -> &ModelCommits;
 }
 
 impl<T: Send + Sync> Registration for Shared<T> {
     fn pools(&self) -> &ResourcePoolManagement {
         &self.pools
+    }
+    fn commits(&self) -> &ModelCommits {
+        &self.commits
     }
 }
 
@@ -303,15 +435,33 @@ pub fn auto_manage_all(models: &[ModelHandle]) -> Result<Batch> {
             distinct.push(m.clone());
         }
     }
-    let Some(first) = distinct.first() else { return Ok(Batch { models: distinct }) };
+    let Some(first) = distinct.first() else { return Ok(Batch { models: Vec::new() }) };
     let pools = first.keep.pools().clone();
     if let Some(other) = distinct.iter().find(|m| !Arc::ptr_eq(&m.keep.pools().inner, &pools.inner)) {
         return Err(crate::Error::ForeignModel { model: other.name().to_string() });
     }
     let cores: Vec<Arc<ModelCore>> = distinct.iter().map(|m| m.core.clone()).collect();
     let timeout = pools.inner.wait_timeout;
-    pools.inner.acquire_many(&cores, Wait::Until(Instant::now() + timeout, timeout))?;
-    Ok(Batch { models: distinct })
+    let wait = Wait::Until(Instant::now() + timeout, timeout);
+    pools.inner.acquire_many(&cores, wait)?;
+    // Models with commits are brought to their handle's stack (the commit path,
+    // which waits for the model's other guards to drop, our plain use included:
+    // so that use is given back first; the model is resident, so this is a hit).
+    let mut batch = Batch { models: Vec::with_capacity(distinct.len()) };
+    let mut pending = Vec::new();
+    for m in distinct {
+        if m.keep.commits().is_active() {
+            pending.push(m);
+        } else {
+            batch.models.push((m, false));
+        }
+    }
+    for m in pending {
+        pools.inner.release(&m.core);
+        commit::acquire(&pools.inner, &m.core, m.keep.commits(), &m.stack, wait)?;
+        batch.models.push((m, true));
+    }
+    Ok(batch)
 }
 
 /// Models held on their runtime devices by [`auto_manage_all`]; dropping it
@@ -319,20 +469,36 @@ pub fn auto_manage_all(models: &[ModelHandle]) -> Result<Batch> {
 #[must_use = "the models may be evicted as soon as the batch is dropped"]
 #[derive(Debug)]
 pub struct Batch {
-    models: Vec<ModelHandle>,
+    /// The models, and whether their use came through the commit path.
+    models: Vec<(ModelHandle, bool)>,
 }
 
 impl Batch {
     /// The models held.
-    pub fn models(&self) -> &[ModelHandle] {
-        &self.models
+    pub fn models(&self) -> impl Iterator<Item = &ModelHandle> {
+        self.models.iter().map(|(m, _)| m)
+    }
+
+    /// How many models are held.
+    pub fn len(&self) -> usize {
+        self.models.len()
+    }
+
+    /// Whether no model is held.
+    pub fn is_empty(&self) -> bool {
+        self.models.is_empty()
     }
 }
 
 impl Drop for Batch {
     fn drop(&mut self) {
-        for m in &self.models {
-            m.keep.pools().inner.release(&m.core);
+        for (m, hold) in &self.models {
+            let inner = &m.keep.pools().inner;
+            if *hold {
+                commit::release(inner, &m.core, m.keep.commits());
+            } else {
+                inner.release(&m.core);
+            }
         }
     }
 }
@@ -363,8 +529,8 @@ pub fn prefetch<T: Send + Sync + 'static>(m: &Managed<T>) -> Prefetch<T> {
     let thread = std::thread::Builder::new().name(format!("sire-prefetch-{name}")).spawn(move || {
         let timeout = m.shared.pools.inner.wait_timeout;
         let wait = m.deadline(timeout);
-        m.shared.pools.inner.prefetch(&m.shared.core, wait)?;
-        Ok(OwnedGuard { shared: m.shared.clone() })
+        let hold = m.shared.pools.inner.on_side_stream(&m.shared.core, || m.acquire(wait))?;
+        Ok(OwnedGuard { shared: m.shared.clone(), hold })
     });
     Prefetch { thread: Some(thread), name }
 }
@@ -417,6 +583,17 @@ impl<T> Managed<T> {
     /// Wraps a use the caller already holds (taken by `Inner::hit` or
     /// `Inner::poll_acquire`) in an owned guard, which releases it on drop.
     pub(crate) fn adopt_use(&self) -> OwnedGuard<T> {
-        OwnedGuard { shared: self.shared.clone() }
+        OwnedGuard { shared: self.shared.clone(), hold: false }
+    }
+
+    /// Whether guards go through the commit path (commits or variants exist).
+    pub(crate) fn has_commits(&self) -> bool {
+        self.shared.commits.is_active()
+    }
+
+    /// [`auto_manage_owned`] with a timeout.
+    pub(crate) fn owned_timeout(&self, timeout: Duration) -> Result<OwnedGuard<T>> {
+        let hold = self.acquire(self.deadline(timeout))?;
+        Ok(OwnedGuard { shared: self.shared.clone(), hold })
     }
 }

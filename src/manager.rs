@@ -68,7 +68,11 @@ pub(crate) struct ModelCore {
     state: AtomicU64,
     last_used: AtomicU64,
     hits: AtomicU64,
-    /// Only locked by the thread that marked the model `moving` (so never contended).
+    /// Bytes of commit patch buffers charged to the runtime pool (`commit.rs`);
+    /// changed only under the manager's lock.
+    patch_bytes: AtomicU64,
+    /// Locked by the thread that marked the model `moving`, and by commit rebases
+    /// while a guard holds the model (so no move is under way).
     data: Mutex<ModelData>,
 }
 
@@ -87,6 +91,8 @@ struct ModelData {
     /// `Entry::pinned` is set), every group a view into it: a load is then one
     /// large copy. `None` for CPU models and while the weights are on disk.
     pack: Option<Tensor>,
+    /// Commit patches on the runtime copy (`commit.rs`).
+    patches: crate::commit::Patches,
 }
 
 const CPU_CODE: u32 = u32::MAX;
@@ -149,6 +155,23 @@ impl ModelCore {
     fn is_ready(&self) -> bool {
         self.state.load(SeqCst) & READY != 0
     }
+
+    /// Bytes of commit patch buffers charged to the runtime pool.
+    fn patch_bytes(&self) -> u64 {
+        self.patch_bytes.load(Relaxed)
+    }
+
+    /// Runs `f` on the weights and their commit patches (`commit.rs`). Only
+    /// while holding a use of the model (no move can be under way), or to read
+    /// the inventory's names and shapes.
+    pub(crate) fn with_weights<R>(
+        &self,
+        f: impl FnOnce(&mut [Group], &mut crate::commit::Patches) -> R,
+    ) -> R {
+        let mut d = self.data.lock();
+        let d = &mut *d;
+        f(&mut d.groups, &mut d.patches)
+    }
 }
 
 /// Residency of one model, guarded by the manager's lock.
@@ -188,10 +211,10 @@ impl Entry {
     fn charge(&self, loc: Location) -> u64 {
         let c = &self.core;
         match loc {
-            Location::Cuda(_) if self.dev && c.runtime() == loc => c.bytes + c.reserve,
+            Location::Cuda(_) if self.dev && c.runtime() == loc => c.bytes + c.reserve + c.patch_bytes(),
             Location::Cpu if self.host => {
                 if c.runtime() == Location::Cpu {
-                    c.bytes + c.reserve
+                    c.bytes + c.reserve + c.patch_bytes()
                 } else {
                     c.bytes
                 }
@@ -284,6 +307,13 @@ struct Eviction {
     write: u64,
     /// Why, for logs.
     cause: &'static str,
+}
+
+impl Eviction {
+    /// Whether the model leaves its runtime location (its commit patches are dropped).
+    fn leaves_runtime(&self) -> bool {
+        self.drop_dev || (self.core.runtime() == Location::Cpu && self.spill)
+    }
 }
 
 /// What a load must do.
@@ -596,6 +626,7 @@ impl Inner {
             state: AtomicU64::new(0),
             last_used: AtomicU64::new(self.clock.fetch_add(1, Relaxed)),
             hits: AtomicU64::new(0),
+            patch_bytes: AtomicU64::new(0),
             data: Mutex::new(ModelData {
                 groups: inv.groups,
                 homes: Vec::new(),
@@ -604,6 +635,7 @@ impl Inner {
                 spill_path: self.spill_dir.as_ref().map(|d| d.join(format!("{id}.safetensors"))),
                 source,
                 pack: None,
+                patches: Default::default(),
             }),
         });
         {
@@ -1052,17 +1084,19 @@ impl Inner {
         }
     }
 
-    /// Takes one use of the model, loading it if needed with its copies on a
-    /// side stream (so they overlap work queued on the current stream).
-    pub(crate) fn prefetch(&self, core: &Arc<ModelCore>, wait: Wait) -> Result<()> {
-        let Location::Cuda(i) = core.runtime() else { return self.acquire(core, wait) };
-        if core.try_hit(&self.clock) {
-            return Ok(());
-        }
+    /// Runs `f` (which takes a use of `core`, loading it if needed) with the
+    /// current CUDA stream set to a side stream, so its copies and commit
+    /// patches overlap work queued on the caller's stream; waits for the side
+    /// stream before returning. Without CUDA it just runs `f`.
+    pub(crate) fn on_side_stream<R>(&self, core: &ModelCore, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        let Location::Cuda(i) = core.runtime() else { return f() };
         let consumer = cuda::Stream::current(i)?;
         let side = cuda::Stream::new(i)?;
         PREFETCH_CONSUMER.set(Some(consumer));
-        let res = side.scope(|| self.acquire(core, wait));
+        let res = side.scope(|| {
+            let r = f();
+            sync_device(Device::Cuda(i)).and(r)
+        });
         PREFETCH_CONSUMER.set(None);
         res?
     }
@@ -1271,6 +1305,13 @@ impl Inner {
         let mut first_err = None;
         for (job, res) in jobs.iter().zip(results) {
             let c = &job.core;
+            if job.leaves_runtime() {
+                // `evict_bytes` dropped the commit patch buffers first, whatever followed.
+                let patched = c.patch_bytes.swap(0, Relaxed);
+                if patched > 0 {
+                    st.sub(c.runtime(), patched);
+                }
+            }
             let e = st.models.get_mut(&c.id).expect("victims stay registered while moving");
             e.moving = false;
             let was_dev = e.dev;
@@ -1339,6 +1380,11 @@ impl Inner {
         let _evict = span.enter();
         let mut data = c.data.lock();
         let start = Instant::now();
+        if job.leaves_runtime() {
+            // Back to the base weights: patches never reach the home copy or the disk.
+            let d = &mut *data;
+            crate::commit::unpatch(&mut d.groups, &mut d.patches);
+        }
         if job.drop_dev && !data.homes.is_empty() {
             let span = tracing::debug_span!("sire.offload", model = %c.name, bytes = c.bytes, from = %c.runtime(), to = "cpu", cause = job.cause);
             let _g = span.enter();
@@ -1496,6 +1542,62 @@ impl Inner {
         }
         self.counters.move_nanos.fetch_add(start.elapsed().as_nanos() as u64, Relaxed);
         Ok(())
+    }
+
+    // ----------------------------------------------------------------- commits
+
+    /// Sets the bytes of commit patch buffers charged to the model's runtime pool
+    /// (`commit.rs`), making room by evicting idle models, or waiting, when it
+    /// grows. The caller holds a use of the model, so it is resident and stays.
+    pub(crate) fn set_patch_bytes(&self, core: &ModelCore, bytes: u64, wait: Wait) -> Result<()> {
+        let mut st = self.state.lock();
+        self.waiters.fetch_add(1, SeqCst);
+        let loc = core.runtime();
+        let res = loop {
+            let have = core.patch_bytes();
+            if bytes <= have {
+                st.sub(loc, have - bytes);
+                core.patch_bytes.store(bytes, Relaxed);
+                break Ok(());
+            }
+            let need = bytes - have;
+            match self.room(&st, loc, need, &[core.id]) {
+                Room::Free => {
+                    st.add(loc, need);
+                    core.patch_bytes.store(bytes, Relaxed);
+                    break Ok(());
+                }
+                Room::Evict(victims) => {
+                    let jobs = self.claim_all(&mut st, &victims, loc);
+                    if let Err(e) = self.run_evictions_in(&mut st, jobs) {
+                        break Err(e);
+                    }
+                }
+                Room::Wait => {
+                    let waited = match wait {
+                        Wait::No => None,
+                        Wait::Poll(would_wait) => {
+                            would_wait.set(true);
+                            None
+                        }
+                        Wait::Until(deadline, total) => {
+                            if !self.cond.wait_until(&mut st, deadline).timed_out() {
+                                continue;
+                            }
+                            Some(total)
+                        }
+                    };
+                    break Err(self.oom(&st, core, loc, need, waited));
+                }
+                Room::TooLarge | Room::Full => break Err(self.oom(&st, core, loc, need, None)),
+            }
+        };
+        self.waiters.fetch_sub(1, SeqCst);
+        drop(st);
+        // A shrink frees room that others may wait for.
+        self.notify();
+        self.deliver();
+        res
     }
 
     // ----------------------------------------------------------------- notification and events

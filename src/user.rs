@@ -143,6 +143,8 @@ pub(crate) struct Inventory {
 pub(crate) struct Group {
     /// Name under which the group is stored on disk (its first member's name).
     pub key: String,
+    /// Every member's name, `key` first.
+    pub names: Vec<String>,
     /// Handles on the user's tensors.
     pub members: Vec<Tensor>,
     /// Bytes of one copy.
@@ -190,11 +192,19 @@ pub(crate) fn inventory(model: &str, tensors: Vec<(String, Tensor)>) -> Result<I
         if bytes > 0 && ptr != 0 {
             if let Some(&g) = by_alias.get(&key) {
                 groups[g].members.push(t);
+                groups[g].names.push(name);
                 continue;
             }
             by_alias.insert(key, groups.len());
         }
-        groups.push(Group { key: name, bytes, kind: t.kind(), shape: t.size(), members: vec![t] });
+        groups.push(Group {
+            key: name.clone(),
+            names: vec![name],
+            bytes,
+            kind: t.kind(),
+            shape: t.size(),
+            members: vec![t],
+        });
     }
     let device = one_device(model, &devices)?;
     let bytes = groups.iter().map(|g| g.bytes).sum();

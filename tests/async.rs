@@ -322,3 +322,28 @@ async fn a_cancelled_fetch_gives_its_turn_back() {
     assert_eq!(shared.model_location(&a).unwrap(), Location::Disk);
     assert_eq!(g.get("w").unwrap().sum(Kind::Float).double_value(&[]), 0.0);
 }
+
+/// Variants used from async tasks take turns on the one base and each sees its own stack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_guards_bring_variants_to_their_stacks() {
+    let (p, _d) = pools(8 * MIB);
+    let w = Tensor::randn([32, 32], (Kind::Float, Device::Cpu));
+    let base = p.manage_with(TensorSet::new([("w", w.copy())]).unwrap(), named("base")).unwrap();
+    let (a, b) = (base.variant(), base.variant());
+    a.commit(sire::Commit::delta("w", Tensor::ones([32, 32], (Kind::Float, Device::Cpu)))).unwrap();
+    b.commit(sire::Commit::delta("w", Tensor::full([32, 32], -2.0, (Kind::Float, Device::Cpu)))).unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let (m, add) = if i % 2 == 0 { (a.clone(), 1.0) } else { (b.clone(), -2.0) };
+        let want = &w + add;
+        tasks.push(tokio::spawn(async move {
+            let g = auto_manage_async(&m).await.unwrap();
+            assert!(g.get("w").unwrap().equal(&want), "task {i} saw another variant's weights");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let g = auto_manage_async(&base).await.unwrap();
+    assert!(g.get("w").unwrap().equal(&w), "the base, bit for bit");
+}

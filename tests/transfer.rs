@@ -25,7 +25,7 @@ fn models_needed_together_load_together_and_stay_while_the_batch_lives() {
     }
     let misses = p.stats().misses;
     let batch = auto_manage_all(&[a.handle(), b.handle(), a.handle()]).unwrap();
-    assert_eq!(batch.models().len(), 2, "a named twice counts once");
+    assert_eq!(batch.len(), 2, "a named twice counts once");
     assert_eq!((a.location(), b.location()), (Location::Cpu, Location::Cpu));
     assert_eq!(p.stats().misses, misses + 2, "one load each");
     assert_eq!((a.use_count(), b.use_count()), (1, 1), "held by the batch");
@@ -85,7 +85,7 @@ fn a_batch_waits_for_room_held_by_a_guard() {
     std::thread::scope(|s| {
         let t = s.spawn(|| {
             tx.send(()).unwrap();
-            auto_manage_all(&[b.handle(), c.handle()]).map(|batch| batch.models().len())
+            auto_manage_all(&[b.handle(), c.handle()]).map(|batch| batch.len())
         });
         rx.recv().unwrap();
         std::thread::sleep(Duration::from_millis(50)); // let it reach the wait (not needed for correctness)
@@ -177,4 +177,32 @@ fn a_clean_model_from_safetensors_is_never_written() {
     assert_eq!(st.bytes_to_disk, 0, "reloaded from its source, never written");
     assert_eq!(st.bytes_from_disk, 3 * 512 * 512 * 4);
     assert_eq!(std::fs::read_dir(p.spill_dir().unwrap()).unwrap().count(), 0);
+}
+
+#[test]
+fn batches_and_prefetches_bring_models_to_their_commit_stacks() {
+    let (p, _d) = pools(8 * MIB);
+    let w = Tensor::randn([64, 64], (Kind::Float, tch::Device::Cpu));
+    let base = p.manage_with(sire::TensorSet::new([("w", w.copy())]).unwrap(), named("base")).unwrap();
+    let other = p.manage_with(model(9, MIB), named("other")).unwrap();
+    let delta = Tensor::ones([64, 64], (Kind::Float, tch::Device::Cpu));
+    let v = base.variant();
+    v.commit(sire::Commit::delta("w", delta.copy())).unwrap();
+    base.offload().unwrap();
+    // The batch applies the variant's stack before handing out the model.
+    let batch = auto_manage_all(&[v.handle(), other.handle()]).unwrap();
+    let g = auto_manage(&v).unwrap();
+    assert!(g.get("w").unwrap().equal(&(&w + &delta)), "the variant's delta is applied");
+    drop(g);
+    drop(batch);
+    // The base handle (no commits) rebases back to the base, bit for bit.
+    let g = auto_manage(&base).unwrap();
+    assert!(g.get("w").unwrap().equal(&w));
+    drop(g);
+    // A prefetch of the variant comes back patched.
+    base.offload().unwrap();
+    let g = prefetch(&v).wait().unwrap();
+    assert!(g.get("w").unwrap().equal(&(&w + &delta)));
+    drop(g);
+    check_invariants(&p.stats());
 }
