@@ -528,6 +528,9 @@ impl ModelCommits {
             Ok(()) => {
                 if s.holders == 0 {
                     s.current = Some(desired.clone());
+                    if s.waiting > 0 {
+                        self.cond.notify_all(); // waiters wanting the same stack can join
+                    }
                 }
                 s.holders += 1;
             }
