@@ -23,32 +23,6 @@ fn shape(target: usize) -> Vec<i64> {
     }
 }
 
-/// A weight change and how the test computes it.
-enum Op {
-    Lora(Tensor, Tensor, f64),
-    Delta(Tensor),
-    Replace(Tensor),
-}
-
-impl Op {
-    fn commit(&self, target: &str) -> Commit {
-        match self {
-            Op::Lora(a, b, s) => Commit::lora(target, a.shallow_clone(), b.shallow_clone(), *s),
-            Op::Delta(d) => Commit::delta(target, d.shallow_clone()),
-            Op::Replace(r) => Commit::replace(target, r.shallow_clone()),
-        }
-    }
-
-    fn apply(&self, w: &Tensor) -> Tensor {
-        let kind = w.kind();
-        match self {
-            Op::Lora(a, b, s) => (w.to_kind(Kind::Float) + (b * *s).mm(a)).to_kind(kind),
-            Op::Delta(d) => (w.to_kind(Kind::Float) + d).to_kind(kind),
-            Op::Replace(r) => r.to_kind(kind),
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 enum Step {
     /// Targets (0..3) and kinds (0 LoRA, 1 delta, 2 replace) of a squashed commit.

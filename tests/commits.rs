@@ -17,38 +17,6 @@ use tch::{Device, Kind, Tensor};
 
 const F32: (Kind, Device) = (Kind::Float, Device::Cpu);
 
-/// A weight change, as the test computes it.
-#[derive(Debug)]
-enum Op {
-    Lora(Tensor, Tensor, f64),
-    Delta(Tensor),
-    Replace(Tensor),
-}
-
-impl Op {
-    fn commit(&self, target: &str) -> Commit {
-        match self {
-            Op::Lora(a, b, s) => Commit::lora(target, a.shallow_clone(), b.shallow_clone(), *s),
-            Op::Delta(d) => Commit::delta(target, d.shallow_clone()),
-            Op::Replace(r) => Commit::replace(target, r.shallow_clone()),
-        }
-    }
-
-    /// `W ← round(f32(W) + Δ)`, `Δ = (scale·B)·A` (f64 for f64 weights).
-    fn apply(&self, w: &Tensor) -> Tensor {
-        let kind = w.kind();
-        let acc = if kind == Kind::Double { Kind::Double } else { Kind::Float };
-        match self {
-            Op::Lora(a, b, s) => {
-                let d = (b.to_kind(acc) * *s).mm(&a.to_kind(acc));
-                (w.to_kind(acc) + d.reshape(w.size())).to_kind(kind)
-            }
-            Op::Delta(d) => (w.to_kind(acc) + d.to_kind(acc)).to_kind(kind),
-            Op::Replace(r) => r.to_kind(kind).copy(),
-        }
-    }
-}
-
 fn lora(out: i64, inn: i64, rank: i64, scale: f64) -> Op {
     Op::Lora(Tensor::randn([rank, inn], F32), Tensor::randn([out, rank], F32), scale)
 }

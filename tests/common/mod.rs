@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use sire::{Location, ResourcePoolManagement, Stats, TensorSet};
+use sire::{Commit, Location, ResourcePoolManagement, Stats, TensorSet};
 use tch::{Kind, Tensor};
 
 pub const MIB: u64 = 1 << 20;
@@ -63,4 +63,37 @@ pub fn check_invariants(s: &Stats) {
 /// Names of the models present in a pool, most recently used first.
 pub fn residents(s: &Stats, loc: Location) -> Vec<String> {
     s.pool(loc).map(|p| p.residents.iter().map(|r| r.name.clone()).collect()).unwrap_or_default()
+}
+
+/// A weight change, and the test's own computation of it (the oracle the
+/// commit tests compare `sire` against: plain tch, independent of `commit.rs`).
+#[derive(Debug)]
+pub enum Op {
+    Lora(Tensor, Tensor, f64),
+    Delta(Tensor),
+    Replace(Tensor),
+}
+
+impl Op {
+    pub fn commit(&self, target: &str) -> Commit {
+        match self {
+            Op::Lora(a, b, s) => Commit::lora(target, a.shallow_clone(), b.shallow_clone(), *s),
+            Op::Delta(d) => Commit::delta(target, d.shallow_clone()),
+            Op::Replace(r) => Commit::replace(target, r.shallow_clone()),
+        }
+    }
+
+    /// `W ← round(f32(W) + Δ)`, `Δ = (scale·B)·A` (f64 for f64 weights).
+    pub fn apply(&self, w: &Tensor) -> Tensor {
+        let kind = w.kind();
+        let acc = if kind == Kind::Double { Kind::Double } else { Kind::Float };
+        match self {
+            Op::Lora(a, b, s) => {
+                let d = (b.to_kind(acc) * *s).mm(&a.to_kind(acc));
+                (w.to_kind(acc) + d.reshape(w.size())).to_kind(kind)
+            }
+            Op::Delta(d) => (w.to_kind(acc) + d.to_kind(acc)).to_kind(kind),
+            Op::Replace(r) => r.to_kind(kind).copy(),
+        }
+    }
 }
