@@ -5,8 +5,10 @@
 //! `SIRE_BENCH_DIM`² (default 512², 1 MiB each), on the runtime device (the CPU
 //! here). Variants A and B each carry one rank-8 LoRA commit on every weight.
 //!
-//! - `switch`: one guard, alternately from A and from B, so every guard rebases
-//!   (recompute every weight from its base with the other LoRA).
+//! - `switch`: one guard, alternately from A and from B, so every guard rebases.
+//!   The pool has room, so each patched weight keeps the other variant's buffer
+//!   as a spare and a switch swaps buffers (a cold switch, or one without room
+//!   for spares, recomputes every weight from its base instead).
 //! - `switch_quarter`: the same with variants C and D whose LoRAs cover a
 //!   quarter of the weights (as adapters on attention projections do).
 //! - `same_variant`: a guard from A when A is applied (the commit path's hit).

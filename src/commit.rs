@@ -598,7 +598,14 @@ fn sync(inner: &Inner, core: &ModelCore, mc: &ModelCommits, desired: &Snapshot, 
             if core.uses() > mc.engaged.load(SeqCst) {
                 return Ok(false);
             }
-            rebase(&core.name, groups, p, desired, &mut |bytes| inner.set_patch_bytes(core, bytes, wait))?;
+            rebase(
+                &core.name,
+                groups,
+                p,
+                desired,
+                &mut |bytes| inner.set_patch_bytes(core, bytes, wait),
+                &mut |bytes| inner.try_grow_patch_bytes(core, bytes),
+            )?;
             Ok(true)
         })?;
         if done {
@@ -634,6 +641,15 @@ struct GroupPatch {
     buf: Tensor,
     /// The weight parts applied on `buf`, in order.
     ops: Vec<OpRef>,
+    /// The buffer of the state applied before (another variant's, typically)
+    /// and its ops, kept when the pool had room for it: switching back is then
+    /// a pointer swap, not a recomputation. Its bytes are charged too.
+    spare: Option<(Tensor, Vec<OpRef>)>,
+}
+
+/// Bytes the patch machinery holds: a buffer per patched weight, plus its spare.
+fn held(groups: &[Group], p: &Patches) -> u64 {
+    p.groups.iter().map(|(&g, gp)| groups[g].bytes * (1 + gp.spare.is_some() as u64)).sum()
 }
 
 #[derive(Clone)]
@@ -669,8 +685,17 @@ enum Action {
     Unpatch,
     /// Apply the ops after the `n` already on the buffer.
     Extend(usize),
-    /// Recompute the buffer from the base.
-    Rebuild,
+    /// The spare buffer holds exactly the wanted ops: swap it in, compute nothing.
+    Swap,
+    /// Recompute into the spare buffer from the base, then swap it in (the
+    /// current buffer becomes the spare).
+    IntoSpare,
+    /// Recompute into a new buffer (the current one becomes the spare).
+    IntoNew,
+    /// Recompute the current buffer from the base, in place (no room for a spare).
+    InPlace,
+    /// A weight patched for the first time.
+    Fresh,
 }
 
 /// Makes the applied state equal to `desired`: weights first (computed, not yet
@@ -683,6 +708,7 @@ fn rebase(
     p: &mut Patches,
     desired: &Snapshot,
     charge: &mut dyn FnMut(u64) -> Result<()>,
+    try_charge: &mut dyn FnMut(u64) -> bool,
 ) -> Result<()> {
     let _no_grad = tch::no_grad_guard();
     // The weight ops each group should carry.
@@ -702,36 +728,71 @@ fn rebase(
         if same_ops(cur, w) {
             continue;
         }
+        let spare = p.groups.get(&g).and_then(|gp| gp.spare.as_ref());
         let action = if w.is_empty() {
             Action::Unpatch
+        } else if !p.groups.contains_key(&g) {
+            Action::Fresh
+        } else if spare.is_some_and(|(_, ops)| same_ops(ops, w)) {
+            Action::Swap
         } else if !cur.is_empty() && cur.len() < w.len() && same_ops(cur, &w[..cur.len()]) {
             Action::Extend(cur.len())
+        } else if spare.is_some() {
+            Action::IntoSpare
         } else {
-            Action::Rebuild
+            Action::IntoNew
         };
         plan.push((g, action));
     }
 
-    // Memory first: every weight patched afterwards holds its base and a buffer.
-    let bytes_before: u64 = p.groups.keys().map(|&g| groups[g].bytes).sum();
-    let bytes_after: u64 = want.keys().map(|&g| groups[g].bytes).sum();
+    // Memory first: every weight patched afterwards holds its base and a buffer,
+    // and keeps its spare. Those bytes may evict other models or wait...
+    let bytes_before = held(groups, p);
+    let spare_kept = |g: &usize| p.groups.get(g).is_some_and(|gp| gp.spare.is_some());
+    let mut bytes_after: u64 = want.keys().map(|g| groups[*g].bytes * (1 + spare_kept(g) as u64)).sum();
     if bytes_after > bytes_before {
         charge(bytes_after)?;
+    }
+    // ...a new spare only takes room that is free now; without it the buffer is
+    // recomputed in place.
+    let mut charged = bytes_before.max(bytes_after);
+    for (g, action) in &mut plan {
+        if matches!(action, Action::IntoNew) {
+            let b = groups[*g].bytes;
+            if try_charge(charged + b) {
+                charged += b;
+                bytes_after += b;
+            } else {
+                *action = Action::InPlace;
+            }
+        }
     }
 
     // Weights. Existing buffers are rewritten in place (the model is ours alone);
     // new ones are only attached once everything succeeded.
     let mut fresh: Vec<(usize, Tensor, Tensor)> = Vec::new();
+    let mut news: Vec<(usize, Tensor)> = Vec::new();
     let mut rewritten: Vec<usize> = Vec::new();
+    let mut spoiled: Vec<usize> = Vec::new();
     let mut weights = || -> Result<()> {
         for (g, action) in &plan {
             let w = want.get(g).map_or(&[][..], |v| &v[..]);
             match (action, p.groups.get_mut(g)) {
-                (Action::Unpatch, _) => {}
+                (Action::Unpatch | Action::Swap, _) => {}
                 (Action::Extend(n), Some(gp)) => {
                     rewritten.push(*g);
                     let buf = gp.buf.shallow_clone();
                     compute(&buf, None, &w[*n..])?;
+                }
+                (Action::IntoSpare, Some(gp)) => {
+                    spoiled.push(*g);
+                    let (buf, _) = gp.spare.as_ref().expect("planned with a spare");
+                    compute(buf, Some(&gp.base), w)?;
+                }
+                (Action::IntoNew, Some(gp)) => {
+                    let buf = Tensor::f_empty(gp.base.size(), (gp.base.kind(), gp.base.device()))?;
+                    compute(&buf, Some(&gp.base), w)?;
+                    news.push((*g, buf));
                 }
                 (_, Some(gp)) => {
                     rewritten.push(*g);
@@ -762,6 +823,10 @@ fn rebase(
                 tracing::warn!(model, error = %err, "could not undo a closure commit during a failed rebase");
             }
         }
+        for g in spoiled {
+            // Its content no longer matches its ops: drop it.
+            p.groups.get_mut(&g).expect("spoiled groups are patched").spare = None;
+        }
         for g in rewritten {
             let gp = p.groups.get_mut(&g).expect("rewritten groups are patched");
             if compute(&gp.buf, Some(&gp.base), &gp.ops).is_err() {
@@ -771,7 +836,7 @@ fn rebase(
                 p.synced = None;
             }
         }
-        let now: u64 = p.groups.keys().map(|&g| groups[g].bytes).sum();
+        let now = held(groups, p);
         let _ = charge(now);
         return Err(e);
     }
@@ -783,22 +848,38 @@ fn rebase(
                 let gp = p.groups.remove(&g).expect("unpatch targets a patched group");
                 groups[g].set_data(&gp.base);
             }
-            _ => {
-                // Fresh groups are attached below.
-                if let Some(gp) = p.groups.get_mut(&g) {
-                    gp.ops = want.remove(&g).expect("patched groups have ops");
-                }
+            Action::Fresh => {} // attached below
+            Action::Extend(_) | Action::InPlace => {
+                let gp = p.groups.get_mut(&g).expect("patched");
+                gp.ops = want.remove(&g).expect("patched groups have ops");
             }
+            Action::Swap | Action::IntoSpare => {
+                let gp = p.groups.get_mut(&g).expect("patched");
+                let (buf, _) = gp.spare.take().expect("planned with a spare");
+                let ops = want.remove(&g).expect("patched groups have ops");
+                let old = (std::mem::replace(&mut gp.buf, buf), std::mem::replace(&mut gp.ops, ops));
+                gp.spare = Some(old);
+                groups[g].set_data(&gp.buf);
+            }
+            Action::IntoNew => {} // attached below
         }
+    }
+    for (g, buf) in news {
+        let gp = p.groups.get_mut(&g).expect("patched");
+        let ops = want.remove(&g).expect("patched groups have ops");
+        let old = (std::mem::replace(&mut gp.buf, buf), std::mem::replace(&mut gp.ops, ops));
+        gp.spare = Some(old);
+        groups[g].set_data(&gp.buf);
     }
     for (g, base, buf) in fresh {
         groups[g].set_data(&buf);
         let ops = want.remove(&g).expect("fresh groups have ops");
-        p.groups.insert(g, GroupPatch { base, buf, ops });
+        p.groups.insert(g, GroupPatch { base, buf, ops, spare: None });
     }
     p.closures = desired.to_vec();
     p.synced = Some(desired.clone());
-    if bytes_after < bytes_before {
+    debug_assert_eq!(held(groups, p), bytes_after);
+    if bytes_after < charged {
         charge(bytes_after)?;
     }
     Ok(())

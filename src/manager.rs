@@ -1600,6 +1600,25 @@ impl Inner {
         res
     }
 
+    /// Grows the patch bytes charged for `core` to `bytes` only if the pool
+    /// has that room free now (no eviction, no wait): for optional buffers.
+    pub(crate) fn try_grow_patch_bytes(&self, core: &ModelCore, bytes: u64) -> bool {
+        let mut st = self.state.lock();
+        let have = core.patch_bytes();
+        if bytes <= have {
+            return true;
+        }
+        let loc = core.runtime();
+        let need = bytes - have;
+        if matches!(self.room(&st, loc, need, &[core.id]), Room::Free) {
+            st.add(loc, need);
+            core.patch_bytes.store(bytes, Relaxed);
+            true
+        } else {
+            false
+        }
+    }
+
     // ----------------------------------------------------------------- notification and events
 
     /// Wakes every waiter, blocked (condition variable) or async.

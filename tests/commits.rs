@@ -427,11 +427,16 @@ fn variants_alternate_100_times_with_correct_outputs() {
             assert_eq!(bytes_of(&forward(&base)), bytes_of(&base.y), "base, round {i}");
         }
     }
-    // One copy of the base, plus the patch buffers of the weights B patched.
+    // One copy of the base, the patch buffers of the weights B patched, and A's
+    // buffer of the weight both patch, kept as a spare (the pool had room).
     let s = pools.stats();
     check_invariants(&s);
     let used = s.pool(Location::Cpu).unwrap().used;
-    assert_eq!(used, a.m.size_bytes() + 32 * 64 * 4 + 32 * 4, "one base and B's patch buffers");
+    assert_eq!(
+        used,
+        a.m.size_bytes() + 32 * 64 * 4 + 32 * 4 + 32 * 64 * 4,
+        "one base, B's patch buffers and A's spare"
+    );
     assert_eq!(a.m.location(), Location::Cpu);
     drop(forward(&base));
     assert_eq!(pools.stats().pool(Location::Cpu).unwrap().used, a.m.size_bytes(), "the base alone");
@@ -631,4 +636,38 @@ mod cuda {
         assert_eq!(read(&m), base, "reverted to the base, bit for bit");
         check_invariants(&p.stats());
     }
+}
+
+#[test]
+fn switching_back_to_the_previous_variant_swaps_buffers_when_there_is_room() {
+    let w = Tensor::randn([256, 256], F32);
+    let (la, lb) = (lora(256, 256, 8, 0.5), lora(256, 256, 8, 2.0));
+    let run = |budget: u64| {
+        let (pools, _dir) = pools(budget);
+        let m = pools.manage(TensorSet::new([("w", w.copy())]).unwrap()).unwrap();
+        let (a, b) = (m.variant(), m.variant());
+        a.commit(la.commit("w")).unwrap();
+        b.commit(lb.commit("w")).unwrap();
+        let mut ptrs = Vec::new();
+        for i in 0..6 {
+            let (v, op) = if i % 2 == 0 { (&a, &la) } else { (&b, &lb) };
+            let g = auto_manage(v).unwrap();
+            let t = g.get("w").unwrap();
+            assert_eq!(bytes_of(&t), bytes_of(&op.apply(&w)), "round {i}");
+            ptrs.push(t.data_ptr() as usize);
+        }
+        check_invariants(&pools.stats());
+        (ptrs, pools.stats().pool(Location::Cpu).unwrap().used)
+    };
+    const W: u64 = 256 * 256 * 4;
+    // Room for the base and two buffers: A and B alternate between two buffers.
+    let (ptrs, used) = run(4 * W);
+    assert_eq!(used, 3 * W, "base + current buffer + spare");
+    assert!(ptrs.iter().step_by(2).all(|&p| p == ptrs[0]), "A always in its own buffer: {ptrs:x?}");
+    assert!(ptrs.iter().skip(1).step_by(2).all(|&p| p == ptrs[1]), "B always in its own: {ptrs:x?}");
+    assert_ne!(ptrs[0], ptrs[1]);
+    // Room for the base and one buffer only: no spare, recomputed in place, still exact.
+    let (ptrs, used) = run(2 * W + W / 2);
+    assert_eq!(used, 2 * W, "base + one buffer, no spare");
+    assert!(ptrs.iter().all(|&p| p == ptrs[0]), "one buffer rewritten in place: {ptrs:x?}");
 }
