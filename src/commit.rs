@@ -671,6 +671,18 @@ fn same_ops(a: &[OpRef], b: &[OpRef]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.rec.id == y.rec.id && x.part == y.part)
 }
 
+/// Drops every spare buffer (a cache of the previous state) and returns the
+/// bytes freed. The weights are unchanged: spares are never what a weight points at.
+pub(crate) fn drop_spares(groups: &[Group], p: &mut Patches) -> u64 {
+    let mut freed = 0;
+    for (&g, gp) in p.groups.iter_mut() {
+        if gp.spare.take().is_some() {
+            freed += groups[g].bytes;
+        }
+    }
+    freed
+}
+
 /// Points every patched weight back at its base and forgets the patches (the
 /// model is leaving its runtime location). Closures stay applied.
 pub(crate) fn unpatch(groups: &mut [Group], p: &mut Patches) {

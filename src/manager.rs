@@ -678,6 +678,7 @@ impl Inner {
         let disk = core.data.lock().source.as_ref().map(|_| 0);
         let mut st = self.state.lock();
         loop {
+            self.reclaim_spares(&mut st, Location::Cpu, need);
             match self.room(&st, Location::Cpu, need, &[core.id]) {
                 Room::Free => {
                     st.add(Location::Cpu, need);
@@ -903,6 +904,7 @@ impl Inner {
                     .map(|c| st.models.get(&c.id).map_or(0, |e| e.charge(loc)))
                     .sum();
                 let budget = st.pool_ref(loc).map_or(0, |p| p.budget);
+                self.reclaim_spares(st, loc, n);
                 if cores.len() > 1 && n + held > budget {
                     return Err(Error::TooLarge {
                         model: batch_name(cores),
@@ -1561,6 +1563,7 @@ impl Inner {
                 break Ok(());
             }
             let need = bytes - have;
+            self.reclaim_spares(&mut st, loc, need);
             match self.room(&st, loc, need, &[core.id]) {
                 Room::Free => {
                     st.add(loc, need);
@@ -1598,6 +1601,37 @@ impl Inner {
         self.notify();
         self.deliver();
         res
+    }
+
+    /// Frees the spare patch buffers of models running on `loc` (least recently
+    /// used first) until `need` bytes are free there or none are left: spares
+    /// are a cache, given up before any model is evicted. A spare is never what
+    /// a weight points at, so this is safe even while guards are alive; a model
+    /// whose weights are locked (a rebase under way) is skipped.
+    fn reclaim_spares(&self, st: &mut State, loc: Location, need: u64) {
+        if st.free(loc) >= need {
+            return;
+        }
+        let mut cands: Vec<(u64, Arc<ModelCore>)> = st
+            .models
+            .values()
+            .filter(|e| e.core.patch_bytes() > 0 && e.runtime_resident() && e.core.runtime() == loc)
+            .map(|e| (e.core.last_used.load(Relaxed), e.core.clone()))
+            .collect();
+        cands.sort_unstable_by_key(|(t, _)| *t);
+        for (_, c) in cands {
+            if st.free(loc) >= need {
+                break;
+            }
+            let Some(mut d) = c.data.try_lock() else { continue };
+            let d = &mut *d;
+            let freed = crate::commit::drop_spares(&d.groups, &mut d.patches);
+            if freed > 0 {
+                c.patch_bytes.fetch_sub(freed, Relaxed);
+                st.sub(loc, freed);
+                tracing::debug!(model = %c.name, freed, "dropped spare patch buffers to make room");
+            }
+        }
     }
 
     /// Grows the patch bytes charged for `core` to `bytes` only if the pool

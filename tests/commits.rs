@@ -671,3 +671,35 @@ fn switching_back_to_the_previous_variant_swaps_buffers_when_there_is_room() {
     assert_eq!(used, 2 * W, "base + one buffer, no spare");
     assert!(ptrs.iter().all(|&p| p == ptrs[0]), "one buffer rewritten in place: {ptrs:x?}");
 }
+
+#[test]
+fn spares_are_given_up_before_any_model_is_evicted() {
+    const W: u64 = 256 * 256 * 4;
+    let (pools, _dir) = pools(3 * W + W / 2);
+    let w = Tensor::randn([256, 256], F32);
+    let m = pools
+        .manage_with(TensorSet::new([("w", w.copy())]).unwrap(), ManageOptions::new().name("m"))
+        .unwrap();
+    let (la, lb) = (lora(256, 256, 8, 0.5), lora(256, 256, 8, 2.0));
+    let (a, b) = (m.variant(), m.variant());
+    a.commit(la.commit("w")).unwrap();
+    b.commit(lb.commit("w")).unwrap();
+    drop(auto_manage(&a).unwrap());
+    drop(auto_manage(&b).unwrap());
+    assert_eq!(pools.stats().pool(Location::Cpu).unwrap().used, 3 * W, "base + buffer + spare");
+    // Another model of one weight's size needs the spare's room: the spare goes,
+    // `m` stays resident.
+    let other = pools.manage(TensorSet::new([("x", Tensor::zeros([256, 256], F32))]).unwrap()).unwrap();
+    let s = pools.stats();
+    check_invariants(&s);
+    assert_eq!(m.location(), Location::Cpu, "m was not evicted");
+    assert_eq!(other.location(), Location::Cpu);
+    assert_eq!(s.pool(Location::Cpu).unwrap().used, 3 * W, "base + buffer + other");
+    assert_eq!(s.evictions, 0);
+    // Both variants are still exact (the switch recomputes now).
+    for (v, op) in [(&a, &la), (&b, &lb), (&a, &la)] {
+        let g = auto_manage(v).unwrap();
+        assert_eq!(bytes_of(&g.get("w").unwrap()), bytes_of(&op.apply(&w)));
+    }
+    check_invariants(&pools.stats());
+}
