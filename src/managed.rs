@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tch::Device;
 
 use crate::commit::{self, Commit, CommitId, CommitInfo, ModelCommits, Stack};
+use crate::error::panic_message;
 use crate::manager::{ModelCore, Wait};
 use crate::runtime::global;
 use crate::{Error, Location, ManageOptions, ResourcePoolManagement, ResourceUser, Result};
@@ -548,12 +549,7 @@ impl<T> Prefetch<T> {
         match self.thread.take().expect("waited once") {
             Err(e) => Err(crate::Error::Io(e)),
             Ok(h) => h.join().unwrap_or_else(|p| {
-                let message = p
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                Err(crate::Error::MovePanicked { model: self.name.clone(), message })
+                Err(crate::Error::MovePanicked { model: self.name.clone(), message: panic_message(&*p) })
             }),
         }
     }

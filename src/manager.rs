@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use tch::{Device, Kind, Tensor};
 
+use crate::error::panic_message;
 use crate::events::{Event, EventKind, Listener};
 use crate::options::{ManageOptions, OffloadPolicy};
 use crate::stats::{Counters, PoolStats, Resident, Stats};
@@ -415,11 +416,6 @@ impl Drop for Inner {
     }
 }
 
-/// Model registration result for the generic layer.
-pub(crate) struct Registered {
-    pub core: Arc<ModelCore>,
-}
-
 impl Inner {
     pub(crate) fn new(pools: Vec<(Location, u64)>, spill_dir: Option<PathBuf>, wait: Duration) -> Self {
         Inner {
@@ -563,7 +559,7 @@ impl Inner {
 
     // ----------------------------------------------------------------- registration
 
-    pub(crate) fn register<T: ResourceUser>(&self, model: &T, opts: ManageOptions) -> Result<Registered> {
+    pub(crate) fn register<T: ResourceUser>(&self, model: &T, opts: ManageOptions) -> Result<Arc<ModelCore>> {
         let id = self.next_id.fetch_add(1, Relaxed);
         let name = opts.name.clone().unwrap_or_else(|| {
             let t = std::any::type_name::<T>();
@@ -664,7 +660,7 @@ impl Inner {
             drop(st);
             self.notify();
         }
-        Ok(Registered { core })
+        Ok(core)
     }
 
     /// Accounts a new model's host bytes, making room (or spilling the model
@@ -1848,14 +1844,7 @@ impl Drop for Waiting<'_> {
 fn unwind_safe<R>(model: &str, f: impl FnOnce() -> Result<R>) -> Result<R> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
-        Err(p) => {
-            let message = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(Error::MovePanicked { model: model.to_string(), message })
-        }
+        Err(p) => Err(Error::MovePanicked { model: model.to_string(), message: panic_message(&*p) }),
     }
 }
 
@@ -2027,7 +2016,7 @@ mod placement {
     #[test]
     fn automatic_models_go_where_the_most_budget_is_free_unless_already_resident() {
         let inner = inner();
-        let a = inner.register(&model(), ManageOptions::default()).unwrap().core;
+        let a = inner.register(&model(), ManageOptions::default()).unwrap();
         assert!(a.auto);
         // Cuda(1) has 200 MiB free, Cuda(0) 100 MiB.
         assert_eq!(place(&inner, &a), Location::Cuda(1));
@@ -2036,7 +2025,7 @@ mod placement {
         assert_eq!(place(&inner, &a), Location::Cuda(0));
         // Something else fills Cuda(1) to 150 MiB: a new model now prefers Cuda(0) (100 - 1 KiB free vs 50).
         inner.state.lock().add(Location::Cuda(1), 150 * MIB);
-        let b = inner.register(&model(), ManageOptions::default()).unwrap().core;
+        let b = inner.register(&model(), ManageOptions::default()).unwrap();
         assert_eq!(place(&inner, &b), Location::Cuda(0));
         // Equal free budgets: the lowest index wins.
         inner.state.lock().sub(Location::Cuda(1), 150 * MIB);
@@ -2048,7 +2037,7 @@ mod placement {
     fn an_explicit_device_is_honoured() {
         let inner = inner();
         let opts = ManageOptions::new().runtime(Location::Cuda(0));
-        let a = inner.register(&model(), opts).unwrap().core;
+        let a = inner.register(&model(), opts).unwrap();
         assert!(!a.auto);
         assert_eq!(place(&inner, &a), Location::Cuda(0), "pinned to cuda:0 although cuda:1 has more room");
         let cpu =
@@ -2063,8 +2052,8 @@ mod placement {
     #[test]
     fn stats_show_residency_per_device() {
         let inner = inner();
-        let a = inner.register(&model(), ManageOptions::new().name("a")).unwrap().core;
-        let b = inner.register(&model(), ManageOptions::new().name("b")).unwrap().core;
+        let a = inner.register(&model(), ManageOptions::new().name("a")).unwrap();
+        let b = inner.register(&model(), ManageOptions::new().name("b")).unwrap();
         mark_resident(&inner, &a, Location::Cuda(0));
         mark_resident(&inner, &b, Location::Cuda(1));
         let s = inner.stats();
@@ -2112,8 +2101,7 @@ mod pinning {
         let sets: Vec<TensorSet> = (1..=5).map(|i| model(i as f64)).collect();
         let want: Vec<(Tensor, Tensor)> =
             sets.iter().map(|s| (s.get("a").unwrap().copy(), s.get("b").unwrap().copy())).collect();
-        let reg =
-            |i: usize| inner.register(&sets[i], ManageOptions::new().name(format!("m{i}"))).unwrap().core;
+        let reg = |i: usize| inner.register(&sets[i], ManageOptions::new().name(format!("m{i}"))).unwrap();
         let m0 = reg(0);
         let m1 = reg(1);
         let m2 = reg(2);
@@ -2165,7 +2153,7 @@ mod pinning {
         let dir = tempfile::tempdir().unwrap();
         let inner = inner(dir.path());
         let s = model(1.0);
-        let c = inner.register(&s, ManageOptions::new().runtime(Location::Cpu)).unwrap().core;
+        let c = inner.register(&s, ManageOptions::new().runtime(Location::Cpu)).unwrap();
         assert_eq!(pinned_of(&inner, &c), 0);
         assert_eq!(inner.stats().pinned, 0);
         inner.check_invariants();
@@ -2198,7 +2186,7 @@ mod physical {
         let mut cores = Vec::new();
         for name in ["old", "new"] {
             let set = TensorSet::new([("w", Tensor::zeros([5 * MIB as i64], tch::kind::FLOAT_CPU))]).unwrap();
-            let core = inner.register(&set, ManageOptions::new().name(name)).unwrap().core;
+            let core = inner.register(&set, ManageOptions::new().name(name)).unwrap();
             let mut st = inner.state.lock();
             st.add(Location::Cuda(0), core.bytes);
             st.models.get_mut(&core.id).unwrap().dev = true;

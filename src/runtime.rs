@@ -53,8 +53,8 @@ impl ResourcePoolManagement {
 
     /// Registers a model with options.
     pub fn manage_with<T: ResourceUser>(&self, model: T, opts: ManageOptions) -> Result<Managed<T>> {
-        let reg = self.inner.register(&model, opts)?;
-        Ok(Managed::new(model, reg.core, self.clone()))
+        let core = self.inner.register(&model, opts)?;
+        Ok(Managed::new(model, core, self.clone()))
     }
 
     /// A snapshot of pools, residents and counters.
