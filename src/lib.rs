@@ -4,34 +4,30 @@
 
 #[cfg(feature = "tokio")]
 mod asyncs;
-mod budget;
-mod commit;
-mod cuda;
 mod error;
 mod events;
 mod exclusive;
-mod ffi;
 mod hook;
 mod location;
-mod lora;
 mod managed;
 mod manager;
 mod options;
+mod patch;
 mod runtime;
-mod spill;
 mod stats;
+mod tier;
 mod user;
 
 #[cfg(feature = "tokio")]
 pub use asyncs::{auto_manage_async, auto_manage_async_timeout};
-pub use commit::{BoxError, Commit, CommitId, CommitInfo};
-pub use cuda::{device_memory, empty_cache, DeviceMemory};
+pub use patch::commit::{BoxError, Commit, CommitId, CommitInfo};
+pub use tier::cuda::{device_memory, empty_cache, DeviceMemory};
 pub use error::{Error, Result};
 pub use events::{Event, EventKind};
 pub use exclusive::{ExclusiveGuard, SharedModelManager};
 pub use hook::{hook, hook_t, Hooked, HookedT};
 pub use location::Location;
-pub use lora::Lora;
+pub use patch::lora::Lora;
 pub use managed::{
     auto_manage, auto_manage_all, auto_manage_owned, auto_manage_timeout, manage, manage_with, prefetch,
     try_auto_manage, Batch, Guard, Managed, ModelHandle, OwnedGuard, Prefetch,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tch::Device;
 
-use crate::commit::{self, Commit, CommitId, CommitInfo, ModelCommits, Stack};
+use crate::patch::commit::{self, Commit, CommitId, CommitInfo, ModelCommits, Stack};
 use crate::error::panic_message;
 use crate::manager::{ModelCore, Wait};
 use crate::runtime::global;

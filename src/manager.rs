@@ -46,7 +46,8 @@ use crate::events::{Event, EventKind, Listener};
 use crate::options::{ManageOptions, OffloadPolicy};
 use crate::stats::{Counters, PoolStats, Resident, Stats};
 use crate::user::{self, Group, ResourceUser};
-use crate::{cuda, spill, Error, Location, Result};
+use crate::tier::{cuda, spill};
+use crate::{Error, Location, Result};
 
 /// Set in `ModelCore::state` while the weights are usable on the runtime location.
 pub(crate) const READY: u64 = 1 << 63;
@@ -93,7 +94,7 @@ struct ModelData {
     /// large copy. `None` for CPU models and while the weights are on disk.
     pack: Option<Tensor>,
     /// Commit patches on the runtime copy (`commit.rs`).
-    patches: crate::commit::Patches,
+    patches: crate::patch::commit::Patches,
 }
 
 const CPU_CODE: u32 = u32::MAX;
@@ -167,7 +168,7 @@ impl ModelCore {
     /// the inventory's names and shapes.
     pub(crate) fn with_weights<R>(
         &self,
-        f: impl FnOnce(&mut [Group], &mut crate::commit::Patches) -> R,
+        f: impl FnOnce(&mut [Group], &mut crate::patch::commit::Patches) -> R,
     ) -> R {
         let mut d = self.data.lock();
         let d = &mut *d;
@@ -1381,7 +1382,7 @@ impl Inner {
         if job.leaves_runtime() {
             // Back to the base weights: patches never reach the home copy or the disk.
             let d = &mut *data;
-            crate::commit::unpatch(&mut d.groups, &mut d.patches);
+            crate::patch::commit::unpatch(&mut d.groups, &mut d.patches);
         }
         if job.drop_dev && !data.homes.is_empty() {
             let span = tracing::debug_span!("sire.offload", model = %c.name, bytes = c.bytes, from = %c.runtime(), to = "cpu", cause = job.cause);
@@ -1621,7 +1622,7 @@ impl Inner {
             }
             let Some(mut d) = c.data.try_lock() else { continue };
             let d = &mut *d;
-            let freed = crate::commit::drop_spares(&d.groups, &mut d.patches);
+            let freed = crate::patch::commit::drop_spares(&d.groups, &mut d.patches);
             if freed > 0 {
                 c.patch_bytes.fetch_sub(freed, Relaxed);
                 st.sub(loc, freed);

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::budget;
+use crate::tier::budget;
 use crate::error::fmt_bytes;
 use crate::events::Listener;
 use crate::manager::{Inner, Pinning};
@@ -297,13 +297,13 @@ impl Builder {
         if any_cuda {
             inner = inner.with_cuda_probe(
                 Arc::new(|i| {
-                    let (free, _) = crate::cuda::mem_get_info(i).ok()?;
-                    let a = crate::cuda::allocator_stats(i).ok()?;
+                    let (free, _) = crate::tier::cuda::mem_get_info(i).ok()?;
+                    let a = crate::tier::cuda::allocator_stats(i).ok()?;
                     Some((free, a.reserved.saturating_sub(a.allocated)))
                 }),
                 crate::manager::CUDA_HEADROOM,
                 Arc::new(|| {
-                    if let Err(e) = crate::cuda::empty_cache() {
+                    if let Err(e) = crate::tier::cuda::empty_cache() {
                         tracing::warn!(error = %e, "could not release the CUDA allocator's cache");
                     }
                 }),

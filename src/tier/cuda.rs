@@ -1,5 +1,5 @@
 //! CUDA primitives that `tch` lacks, over the C++ shim (`csrc/sire_shim.cpp`,
-//! declared in [`crate::ffi::shim`]): device memory, the caching allocator's
+//! declared in [`crate::tier::ffi::shim`]): device memory, the caching allocator's
 //! statistics and cache, pinned host tensors, side streams and events.
 //!
 //! Every call checks the shim's status at once: "no CUDA" (no device, no
@@ -16,7 +16,7 @@ use std::ptr::{self, NonNull};
 
 use tch::{Kind, Tensor};
 
-use crate::ffi::shim::{self, shim_status};
+use crate::tier::ffi::shim::{self, shim_status};
 use crate::{Error, Location, Result};
 
 /// Whether libtorch sees at least one CUDA device (through its CUDA backend,

@@ -82,7 +82,7 @@ pub(crate) fn is_mapped(lib_name: &str) -> bool {
 }
 
 /// The C++ shim (`csrc/sire_shim.cpp`, built by `build.rs`): the libtorch
-/// CUDA calls that `tch` lacks. Safe wrappers are in `crate::cuda`.
+/// CUDA calls that `tch` lacks. Safe wrappers are in `crate::tier::cuda`.
 ///
 /// Contract of every `-> c_int` function: it returns [`SHIM_OK`],
 /// [`SHIM_NO_CUDA`] (libtorch has no CUDA backend or sees no device; nothing

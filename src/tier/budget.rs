@@ -467,7 +467,7 @@ pub(crate) fn disk_free(dir: &Path) -> std::io::Result<u64> {
             }
         }
     }
-    crate::ffi::statvfs_free(probe)
+    crate::tier::ffi::statvfs_free(probe)
 }
 
 /// Default disk budget: `free` minus max(1 GiB, 5% of it).
