@@ -1,16 +1,19 @@
 //! Async use (the `tokio` feature): waiting for room without blocking the executor.
 //!
-//! An async acquire counts itself as a waiter (see the engine's module docs)
+//! An async acquire counts itself as a waiter (see the engine's `signal`)
 //! from before its first attempt until it returns or is dropped. Each attempt
 //! creates its wake-up listener first, then runs on tokio's blocking pool (it
 //! may evict and load, which moves bytes); if the attempt finds that it would
 //! have to wait, the future awaits the listener (a release, a finished move),
-//! up to the deadline, and tries again.
+//! up to the deadline, and tries again. A dropped future marks itself
+//! cancelled: attempts still queued on the blocking pool then take nothing,
+//! and a use an attempt took is given back as soon as it ends.
 
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::manager::{Inner, ModelCore, Waiting};
+use crate::engine::OwnedUse;
 use crate::{Error, Managed, OwnedGuard, Result};
 
 /// Like [`auto_manage_owned`](crate::auto_manage_owned), for async code: waits
@@ -20,8 +23,9 @@ use crate::{Error, Managed, OwnedGuard, Result};
 /// A model already resident costs one atomic operation on the calling thread;
 /// otherwise loading (and the evictions it needs) runs on tokio's blocking
 /// pool. Dropping the future (cancellation, `select!`, a timeout around it)
-/// leaves nothing behind: a use taken by an attempt still running on the
-/// blocking pool is released when that attempt ends.
+/// leaves nothing behind: attempts not yet started take nothing, and a use
+/// taken by an attempt still running on the blocking pool is released when
+/// that attempt ends.
 ///
 /// The returned guard owns a handle on the model, so it can be moved into
 /// `tokio::task::spawn_blocking` to run the model there. Requires the `tokio`
@@ -52,71 +56,104 @@ pub async fn auto_manage_async_timeout<T: Send + Sync + 'static>(
     timeout: Duration,
 ) -> Result<OwnedGuard<T>> {
     let inner = &m.pools().inner;
+    if !m.has_commits() {
+        if let Some(u) = inner.hit(m.core()) {
+            if !m.has_commits_after_acquire() {
+                return Ok(m.adopt_use(OwnedUse::from_use(u, inner.clone(), m.core().clone())));
+            }
+            // The model got its first commit meanwhile: take the commit path.
+        }
+    }
     if m.has_commits() {
         // The commit path (variant turns, rebases) blocks: run it whole on the
         // blocking pool. If this future is dropped meanwhile, the guard it
         // produces is dropped with the task's output, which releases it.
         let m = m.clone();
-        return blocking(move || m.owned_timeout(timeout)).await?;
+        let cancel = Cancel::new();
+        let flag = cancel.flag();
+        return blocking(move || {
+            if flag.load(SeqCst) {
+                return Err(Error::InUse { model: m.name().to_string(), guards: 0 });
+                // nobody waits for it
+            }
+            m.owned_timeout(timeout)
+        })
+        .await?;
     }
-    if inner.hit(m.core()) {
-        return Ok(m.adopt_use());
-    }
-    let deadline = tokio::time::Instant::now() + timeout;
-    let _counted = Waiting::new(inner);
+    let deadline = tokio::time::Instant::now().checked_add(timeout);
+    let _counted = inner.count_waiter();
+    let cancel = Cancel::new();
     loop {
         // Listen before the attempt: a release that happens after the attempt
         // looked for room then wakes this listener.
-        let notified = inner.notify_async.notified();
+        let notified = inner.notified();
         let mut notified = std::pin::pin!(notified);
         notified.as_mut().enable();
-        let (i, core) = (inner.clone(), m.core().clone());
-        let attempt = blocking(move || {
-            let polled = i.poll_acquire(&core);
-            polled.map(|wait| match wait {
-                None => Attempt::Got(Use { inner: i, core, adopted: false }),
-                Some(e) => Attempt::Wait(e),
+        let (i, core, flag) = (inner.clone(), m.core().clone(), cancel.flag());
+        let attempt = blocking(move || -> Result<Attempt> {
+            if flag.load(SeqCst) {
+                return Ok(Attempt::Cancelled); // the caller is gone: take nothing
+            }
+            Ok(match i.poll_acquire(&core)? {
+                Ok(u) => {
+                    let used = OwnedUse::from_use(u, i.clone(), core.clone());
+                    if flag.load(SeqCst) {
+                        drop(used); // the caller left while this ran: give it back now
+                        Attempt::Cancelled
+                    } else {
+                        Attempt::Got(used)
+                    }
+                }
+                Err(e) => Attempt::Wait(e),
             })
         });
         match attempt.await?? {
-            Attempt::Got(u) => return Ok(u.adopt(m)),
-            Attempt::Wait(err) => {
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(gave_up(err, timeout));
+            Attempt::Got(u) => {
+                if m.has_commits_after_acquire() {
+                    // The model got its first commit meanwhile: take the commit path.
+                    drop(u);
+                    return Box::pin(auto_manage_async_timeout(m, timeout)).await;
                 }
-                let _ = tokio::time::timeout_at(deadline, notified).await;
+                return Ok(m.adopt_use(u));
+            }
+            Attempt::Cancelled => unreachable!("this future is alive"),
+            Attempt::Wait(err) => {
+                let now = tokio::time::Instant::now();
+                match deadline {
+                    Some(d) if now >= d => return Err(gave_up(err, timeout)),
+                    Some(d) => {
+                        let _ = tokio::time::timeout_at(d, notified).await;
+                    }
+                    None => notified.await,
+                }
             }
         }
     }
 }
 
 enum Attempt {
-    Got(Use),
+    Got(OwnedUse),
     Wait(Error),
+    Cancelled,
 }
 
-/// One use taken on the blocking pool. Released on drop unless adopted by an
-/// [`OwnedGuard`]: when the future that asked for it was dropped while the
-/// attempt ran, tokio drops the attempt's output, and with it the use.
-struct Use {
-    inner: Arc<Inner>,
-    core: Arc<ModelCore>,
-    adopted: bool,
-}
+/// Set when the future that owns it is dropped: attempts on the blocking pool
+/// check it before and after they take a use.
+struct Cancel(Arc<AtomicBool>);
 
-impl Use {
-    fn adopt<T>(mut self, m: &Managed<T>) -> OwnedGuard<T> {
-        debug_assert!(Arc::ptr_eq(&self.core, m.core()));
-        self.adopted = true;
-        m.adopt_use()
+impl Cancel {
+    fn new() -> Cancel {
+        Cancel(Arc::new(AtomicBool::new(false)))
+    }
+
+    fn flag(&self) -> Arc<AtomicBool> {
+        self.0.clone()
     }
 }
 
-impl Drop for Use {
+impl Drop for Cancel {
     fn drop(&mut self) {
-        if !self.adopted {
-            self.inner.release(&self.core);
-        }
+        self.0.store(true, SeqCst);
     }
 }
 

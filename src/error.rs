@@ -169,10 +169,10 @@ pub enum Error {
     WrongModelType {
         /// The model's id.
         id: String,
-        /// The type asked for.
-        requested: &'static str,
-        /// The type it was added as.
-        actual: &'static str,
+        /// The type asked for (its name without module paths).
+        requested: String,
+        /// The type it was added as (its name without module paths).
+        actual: String,
     },
 
     /// A commit names a tensor the model does not have.
@@ -256,6 +256,19 @@ pub enum Error {
     /// An I/O failure.
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+
+    /// An I/O failure on a file of the disk tier (a spill file or a model's
+    /// source file), naming the model and the file.
+    #[error("model `{model}`: {path:?}: {source}")]
+    File {
+        /// Name of the model.
+        model: String,
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// `Result` with [`Error`].
@@ -282,5 +295,45 @@ pub(crate) fn fmt_bytes(b: u64) -> String {
         format!("{b} B")
     } else {
         format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+/// A type's name without its module path, generics dropped:
+/// `my_crate::module::Detector<X>` -> `Detector`.
+pub(crate) fn short_type_name(full: &str) -> &str {
+    let path = full.split('<').next().unwrap_or(full);
+    path.rsplit("::").next().unwrap_or(path)
+}
+
+/// A type's name with every module path dropped, generics kept:
+/// `a::Wrap<b::Inner, c::D>` -> `Wrap<Inner, D>`.
+pub(crate) fn short_type(full: &str) -> String {
+    let mut out = String::with_capacity(full.len());
+    let mut segment = String::new();
+    for ch in full.chars() {
+        if ch.is_alphanumeric() || ch == '_' || ch == ':' {
+            segment.push(ch);
+        } else {
+            out.push_str(segment.rsplit("::").next().unwrap_or(&segment));
+            segment.clear();
+            out.push(ch);
+        }
+    }
+    out.push_str(segment.rsplit("::").next().unwrap_or(&segment));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_type_names() {
+        assert_eq!(short_type_name("sire::user::TensorSet"), "TensorSet");
+        assert_eq!(short_type_name("Net"), "Net");
+        assert_eq!(short_type_name("a::Wrap<b::Inner>"), "Wrap");
+        assert_eq!(short_type("tch::wrappers::jit::CModule"), "CModule");
+        assert_eq!(short_type("a::Wrap<b::Inner, c::D>"), "Wrap<Inner, D>");
+        assert_eq!(short_type("std::sync::Mutex<x::Net>"), "Mutex<Net>");
     }
 }

@@ -124,7 +124,7 @@ impl SharedModelManager {
     /// shared device is the CPU, this writes it to the disk tier.
     pub fn add<T: ResourceUser + Sync>(&self, model: T) -> Result<String> {
         let _adding = self.inner.adding.lock();
-        let base = short_type_name(std::any::type_name::<T>());
+        let base = crate::error::short_type_name(std::any::type_name::<T>());
         let id = {
             let models = self.inner.models.read();
             let mut id = base.to_string();
@@ -215,8 +215,8 @@ impl SharedModelManager {
         let m = self.model(id)?;
         m.as_any().downcast_ref::<Managed<T>>().cloned().ok_or_else(|| Error::WrongModelType {
             id: id.to_string(),
-            requested: std::any::type_name::<T>(),
-            actual: m.type_name(),
+            requested: crate::error::short_type(std::any::type_name::<T>()),
+            actual: crate::error::short_type(m.type_name()),
         })
     }
 
@@ -249,12 +249,6 @@ impl fmt::Debug for SharedModelManager {
             .field("models", &self.ids())
             .finish_non_exhaustive()
     }
-}
-
-/// `my_crate::module::Detector<X>` -> `Detector`.
-fn short_type_name(full: &str) -> &str {
-    let path = full.split('<').next().unwrap_or(full);
-    path.rsplit("::").next().unwrap_or(path)
 }
 
 /// A model of a [`SharedModelManager`] on the shared device, and the device's
@@ -452,17 +446,5 @@ impl Drop for Permit {
         }
         drop(st);
         self.turn.wake();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::short_type_name;
-
-    #[test]
-    fn short_type_names() {
-        assert_eq!(short_type_name("sire::user::TensorSet"), "TensorSet");
-        assert_eq!(short_type_name("Net"), "Net");
-        assert_eq!(short_type_name("a::Wrap<b::Inner>"), "Wrap");
     }
 }

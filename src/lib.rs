@@ -4,13 +4,13 @@
 
 #[cfg(feature = "tokio")]
 mod asyncs;
+mod engine;
 mod error;
 mod events;
 mod exclusive;
 mod hook;
 mod location;
 mod managed;
-mod manager;
 mod options;
 mod patch;
 mod runtime;
@@ -20,19 +20,19 @@ mod user;
 
 #[cfg(feature = "tokio")]
 pub use asyncs::{auto_manage_async, auto_manage_async_timeout};
-pub use patch::commit::{BoxError, Commit, CommitId, CommitInfo};
-pub use tier::cuda::{device_memory, empty_cache, DeviceMemory};
 pub use error::{Error, Result};
 pub use events::{Event, EventKind};
 pub use exclusive::{ExclusiveGuard, SharedModelManager};
 pub use hook::{hook, hook_t, Hooked, HookedT};
 pub use location::Location;
-pub use patch::lora::Lora;
 pub use managed::{
     auto_manage, auto_manage_all, auto_manage_owned, auto_manage_timeout, manage, manage_with, prefetch,
     try_auto_manage, Batch, Guard, Managed, ModelHandle, OwnedGuard, Prefetch,
 };
 pub use options::{ManageOptions, OffloadPolicy};
+pub use patch::commit::{BoxError, Commit, CommitId, CommitInfo};
+pub use patch::lora::Lora;
 pub use runtime::{setup_default_pools, stats, Builder, ResourcePoolManagement};
 pub use stats::{PoolStats, Resident, Stats};
+pub use tier::cuda::{device_memory, empty_cache, DeviceMemory};
 pub use user::{ResourceUser, TensorSet};

@@ -2,14 +2,17 @@
 
 use std::fmt;
 use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::thread::ThreadId;
+use std::time::Duration;
 
 use tch::Device;
 
-use crate::patch::commit::{self, Commit, CommitId, CommitInfo, ModelCommits, Stack};
+use crate::engine::{ModelCore, OwnedUse, Use, Wait};
 use crate::error::panic_message;
-use crate::manager::{ModelCore, Wait};
+use crate::patch::commit::{self, Commit, CommitId, CommitInfo, Stack};
+use crate::patch::variant::{self, CommitHold, ModelCommits};
 use crate::runtime::global;
 use crate::{Error, Location, ManageOptions, ResourcePoolManagement, ResourceUser, Result};
 
@@ -32,25 +35,66 @@ struct Shared<T> {
     core: Arc<ModelCore>,
     pools: ResourcePoolManagement,
     commits: ModelCommits,
+    /// `ResourceUser::on_moved` of `T`.
+    on_moved: fn(&T, Device),
+    /// The model's move count when `on_moved` was last called.
+    seen_moves: AtomicU64,
 }
 
 impl<T> Shared<T> {
-    /// Gives back a guard's use (`hold`: it came through the commit path).
+    /// Gives back an owned guard's use.
     #[inline]
-    fn release(&self, hold: bool) {
-        if hold {
-            commit::release(&self.pools.inner, &self.core, &self.commits);
-        } else {
-            self.pools.inner.release(&self.core);
+    fn release(&self, hold: Owned) {
+        match hold {
+            Owned::Plain => self.pools.inner.release(&self.core),
+            Owned::Commit(thread) => variant::release(&self.pools.inner, &self.core, &self.commits, thread),
+        }
+    }
+
+    /// Tells the model, before a guard hands it out, that its weights moved
+    /// since the last time (`ResourceUser::on_moved`, with the device they are on).
+    #[inline]
+    fn notice_moves(&self) {
+        let moves = self.core.moves.load(Relaxed);
+        if moves != self.seen_moves.load(Relaxed) && self.seen_moves.swap(moves, Relaxed) != moves {
+            (self.on_moved)(&self.model, self.core.device());
         }
     }
 }
 
 impl<T> Drop for Shared<T> {
     fn drop(&mut self) {
-        self.pools.inner.retire_hits(&self.core);
         self.pools.inner.unregister(&self.core);
     }
+}
+
+/// How a guard holds its model.
+enum Hold<'a> {
+    /// A plain use (a model without commits).
+    Plain(Use<'a>),
+    /// Through the commit path: admitted, with the handle's stack applied.
+    Commit(CommitHold<'a>),
+}
+
+impl Hold<'_> {
+    /// Hands the hold over to an owner that releases it with `Shared::release`.
+    fn into_owned(self) -> Owned {
+        match self {
+            Hold::Plain(u) => {
+                u.forget();
+                Owned::Plain
+            }
+            Hold::Commit(h) => Owned::Commit(h.forget()),
+        }
+    }
+}
+
+/// A hold handed over to an owner ([`OwnedGuard`], [`Batch`]).
+#[derive(Debug, Clone, Copy)]
+enum Owned {
+    Plain,
+    /// Admitted on this thread.
+    Commit(ThreadId),
 }
 
 impl<T> Clone for Managed<T> {
@@ -69,14 +113,23 @@ impl<T> fmt::Debug for Managed<T> {
     }
 }
 
-impl<T> Managed<T> {
+impl<T: ResourceUser> Managed<T> {
     pub(crate) fn new(model: T, core: Arc<ModelCore>, pools: ResourcePoolManagement) -> Self {
         Managed {
-            shared: Arc::new(Shared { model, core, pools, commits: ModelCommits::default() }),
+            shared: Arc::new(Shared {
+                model,
+                core,
+                pools,
+                commits: ModelCommits::default(),
+                on_moved: <T as ResourceUser>::on_moved,
+                seen_moves: AtomicU64::new(0),
+            }),
             stack: Arc::default(),
         }
     }
+}
 
+impl<T> Managed<T> {
     /// The model's name.
     pub fn name(&self) -> &str {
         &self.shared.core.name
@@ -132,24 +185,23 @@ impl<T> Managed<T> {
         ModelHandle { core: self.shared.core.clone(), keep: self.shared.clone(), stack: self.stack.clone() }
     }
 
-    /// Takes a use; `true` when it came through the commit path (see `commit.rs`).
+    /// Takes a use, through the commit path when the model has commits
+    /// (see `patch/commit.rs`).
     #[inline]
-    fn acquire(&self, wait: Wait) -> Result<bool> {
+    fn acquire(&self, wait: Wait) -> Result<Hold<'_>> {
         let s = &*self.shared;
         if !s.commits.is_active() {
-            s.pools.inner.acquire(&s.core, wait)?;
+            let used = s.pools.inner.acquire(&s.core, wait)?;
             if !s.commits.is_active_after_acquire() {
-                return Ok(false);
+                s.notice_moves();
+                return Ok(Hold::Plain(used));
             }
             // The model got its first commit meanwhile: take the commit path.
-            s.pools.inner.release(&s.core);
+            drop(used);
         }
-        commit::acquire(&s.pools.inner, &s.core, &s.commits, &self.stack, wait)?;
-        Ok(true)
-    }
-
-    fn deadline(&self, timeout: Duration) -> Wait<'static> {
-        Wait::Until(Instant::now() + timeout, timeout)
+        let hold = variant::acquire(&s.pools.inner, &s.core, &s.commits, &self.stack, wait)?;
+        s.notice_moves();
+        Ok(Hold::Commit(hold))
     }
 }
 
@@ -190,7 +242,7 @@ impl<T> Managed<T> {
         let s = &*self.shared;
         let record = commit::resolve(&s.core.name, s.commits.index(&s.core), commit)?;
         let id = record.id();
-        s.commits.activate();
+        s.commits.activate(&s.core);
         self.stack.push(record);
         Ok(id)
     }
@@ -233,7 +285,7 @@ impl<T> Managed<T> {
     /// thread that holds a guard from one variant and asks for a guard from
     /// another waits out its timeout and gets [`Error::InUse`].
     pub fn variant(&self) -> Managed<T> {
-        self.shared.commits.activate();
+        self.shared.commits.activate(&self.shared.core);
         Managed { shared: self.shared.clone(), stack: Arc::new(self.stack.fork()) }
     }
 
@@ -258,23 +310,22 @@ pub fn auto_manage<T>(m: &Managed<T>) -> Result<Guard<'_, T>> {
 }
 
 /// Like [`auto_manage`], waiting at most `timeout` for room.
+/// A timeout too large to represent as an instant (`Duration::MAX`) waits forever.
 pub fn auto_manage_timeout<T>(m: &Managed<T>, timeout: Duration) -> Result<Guard<'_, T>> {
-    let hold = m.acquire(m.deadline(timeout))?;
-    Ok(Guard { shared: &m.shared, hold })
+    let hold = m.acquire(Wait::timeout(timeout))?;
+    Ok(Guard { shared: &m.shared, _hold: hold })
 }
 
 /// Like [`auto_manage`], but never waits: fails at once if room is held by models in use.
 pub fn try_auto_manage<T>(m: &Managed<T>) -> Result<Guard<'_, T>> {
     let hold = m.acquire(Wait::No)?;
-    Ok(Guard { shared: &m.shared, hold })
+    Ok(Guard { shared: &m.shared, _hold: hold })
 }
 
 /// Like [`auto_manage`], returning a guard that owns a handle on the model
 /// (`'static`, can be moved to another thread or stored).
 pub fn auto_manage_owned<T>(m: &Managed<T>) -> Result<OwnedGuard<T>> {
-    let timeout = m.shared.pools.inner.wait_timeout;
-    let hold = m.acquire(m.deadline(timeout))?;
-    Ok(OwnedGuard { shared: m.shared.clone(), hold })
+    m.owned_timeout(m.shared.pools.inner.wait_timeout)
 }
 
 /// Registers a model with the global instance (set up on first use), with default options.
@@ -292,7 +343,8 @@ pub fn manage_with<T: ResourceUser>(model: T, opts: ManageOptions) -> Result<Man
 #[must_use = "the model may be evicted as soon as the guard is dropped"]
 pub struct Guard<'a, T> {
     shared: &'a Shared<T>,
-    hold: bool,
+    /// Released on drop.
+    _hold: Hold<'a>,
 }
 
 impl<T> Guard<'_, T> {
@@ -309,12 +361,6 @@ impl<T> Deref for Guard<'_, T> {
     }
 }
 
-impl<T> Drop for Guard<'_, T> {
-    fn drop(&mut self) {
-        self.shared.release(self.hold);
-    }
-}
-
 impl<T> fmt::Debug for Guard<'_, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Guard")
@@ -328,7 +374,7 @@ impl<T> fmt::Debug for Guard<'_, T> {
 #[must_use = "the model may be evicted as soon as the guard is dropped"]
 pub struct OwnedGuard<T> {
     shared: Arc<Shared<T>>,
-    hold: bool,
+    hold: Owned,
 }
 
 impl<T> OwnedGuard<T> {
@@ -442,27 +488,30 @@ pub fn auto_manage_all(models: &[ModelHandle]) -> Result<Batch> {
         return Err(crate::Error::ForeignModel { model: other.name().to_string() });
     }
     let cores: Vec<Arc<ModelCore>> = distinct.iter().map(|m| m.core.clone()).collect();
-    let timeout = pools.inner.wait_timeout;
-    let wait = Wait::Until(Instant::now() + timeout, timeout);
-    pools.inner.acquire_many(&cores, wait)?;
+    let wait = Wait::timeout(pools.inner.wait_timeout);
+    let uses = pools.inner.acquire_many(&cores, wait)?;
     // Models with commits are brought to their handle's stack (the commit path,
     // which waits for the model's other guards to drop, our plain use included:
     // so that use is given back first; the model is resident, so this is a hit).
-    let mut batch = Batch { models: Vec::with_capacity(distinct.len()) };
-    let mut pending = Vec::new();
-    for m in distinct {
+    // Every hold is a value: if one model fails, dropping them releases the others.
+    let mut holds: Vec<Hold<'_>> = Vec::with_capacity(distinct.len());
+    for (i, used) in uses.into_iter().enumerate() {
+        let m = &distinct[i];
         if m.keep.commits().is_active() {
-            pending.push(m);
+            drop(used);
+            holds.push(Hold::Commit(variant::acquire(
+                &pools.inner,
+                &cores[i],
+                m.keep.commits(),
+                &m.stack,
+                wait,
+            )?));
         } else {
-            batch.models.push((m, false));
+            holds.push(Hold::Plain(used));
         }
     }
-    for m in pending {
-        pools.inner.release(&m.core);
-        commit::acquire(&pools.inner, &m.core, m.keep.commits(), &m.stack, wait)?;
-        batch.models.push((m, true));
-    }
-    Ok(batch)
+    let owned: Vec<Owned> = holds.into_iter().map(Hold::into_owned).collect();
+    Ok(Batch { models: distinct.into_iter().zip(owned).collect() })
 }
 
 /// Models held on their runtime devices by [`auto_manage_all`]; dropping it
@@ -470,8 +519,8 @@ pub fn auto_manage_all(models: &[ModelHandle]) -> Result<Batch> {
 #[must_use = "the models may be evicted as soon as the batch is dropped"]
 #[derive(Debug)]
 pub struct Batch {
-    /// The models, and whether their use came through the commit path.
-    models: Vec<(ModelHandle, bool)>,
+    /// The models, and how each is held.
+    models: Vec<(ModelHandle, Owned)>,
 }
 
 impl Batch {
@@ -495,10 +544,9 @@ impl Drop for Batch {
     fn drop(&mut self) {
         for (m, hold) in &self.models {
             let inner = &m.keep.pools().inner;
-            if *hold {
-                commit::release(inner, &m.core, m.keep.commits());
-            } else {
-                inner.release(&m.core);
+            match *hold {
+                Owned::Plain => inner.release(&m.core),
+                Owned::Commit(thread) => variant::release(inner, &m.core, m.keep.commits(), thread),
             }
         }
     }
@@ -527,11 +575,22 @@ impl Drop for Batch {
 pub fn prefetch<T: Send + Sync + 'static>(m: &Managed<T>) -> Prefetch<T> {
     let m = m.clone();
     let name = m.name().to_string();
+    // The caller's streams, taken on the caller's thread: wherever placement
+    // puts the model, its buffers are handed to the stream that will use them.
+    let devices: Vec<usize> = m
+        .shared
+        .pools
+        .pools()
+        .iter()
+        .filter_map(|(l, _)| match l {
+            Location::Cuda(i) => Some(*i),
+            _ => None,
+        })
+        .collect();
+    let consumers = crate::engine::transfer::consumer_streams(&devices);
     let thread = std::thread::Builder::new().name(format!("sire-prefetch-{name}")).spawn(move || {
         let timeout = m.shared.pools.inner.wait_timeout;
-        let wait = m.deadline(timeout);
-        let hold = m.shared.pools.inner.on_side_stream(&m.shared.core, || m.acquire(wait))?;
-        Ok(OwnedGuard { shared: m.shared.clone(), hold })
+        crate::engine::transfer::as_prefetch(consumers, || m.owned_timeout(timeout))
     });
     Prefetch { thread: Some(thread), name }
 }
@@ -576,10 +635,12 @@ impl<T> Managed<T> {
         &self.shared.core
     }
 
-    /// Wraps a use the caller already holds (taken by `Inner::hit` or
-    /// `Inner::poll_acquire`) in an owned guard, which releases it on drop.
-    pub(crate) fn adopt_use(&self) -> OwnedGuard<T> {
-        OwnedGuard { shared: self.shared.clone(), hold: false }
+    /// Wraps a use the caller took (`Engine::hit`, or an attempt on the
+    /// blocking pool) in an owned guard, which releases it on drop.
+    pub(crate) fn adopt_use(&self, used: OwnedUse) -> OwnedGuard<T> {
+        used.forget();
+        self.shared.notice_moves();
+        OwnedGuard { shared: self.shared.clone(), hold: Owned::Plain }
     }
 
     /// Whether guards go through the commit path (commits or variants exist).
@@ -587,9 +648,14 @@ impl<T> Managed<T> {
         self.shared.commits.is_active()
     }
 
+    /// Whether the model got its first commit, read after taking a use.
+    pub(crate) fn has_commits_after_acquire(&self) -> bool {
+        self.shared.commits.is_active_after_acquire()
+    }
+
     /// [`auto_manage_owned`] with a timeout.
     pub(crate) fn owned_timeout(&self, timeout: Duration) -> Result<OwnedGuard<T>> {
-        let hold = self.acquire(self.deadline(timeout))?;
+        let hold = self.acquire(Wait::timeout(timeout))?.into_owned();
         Ok(OwnedGuard { shared: self.shared.clone(), hold })
     }
 }

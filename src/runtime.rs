@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::tier::budget;
+use crate::engine::{Engine, Pinning};
 use crate::error::fmt_bytes;
 use crate::events::Listener;
-use crate::manager::{Inner, Pinning};
+use crate::tier::budget;
 use crate::{Error, Event, Location, ManageOptions, Managed, ResourceUser, Result, Stats};
 
 /// Owns the pools, the managed models, their LRU order and the statistics.
@@ -35,7 +35,7 @@ use crate::{Error, Event, Location, ManageOptions, Managed, ResourceUser, Result
 /// ```
 #[derive(Clone)]
 pub struct ResourcePoolManagement {
-    pub(crate) inner: Arc<Inner>,
+    pub(crate) inner: Arc<Engine>,
 }
 
 impl ResourcePoolManagement {
@@ -292,7 +292,7 @@ impl Builder {
             pools.push((Location::Disk, disk));
             spill = Some(dir);
         }
-        let mut inner = Inner::new(pools, spill, self.wait_timeout).with_pinning(pinning, pinned_cap);
+        let mut inner = Engine::new(pools, spill, self.wait_timeout).with_pinning(pinning, pinned_cap);
         inner.listener = self.listener;
         if any_cuda {
             inner = inner.with_cuda_probe(
@@ -301,7 +301,7 @@ impl Builder {
                     let a = crate::tier::cuda::allocator_stats(i).ok()?;
                     Some((free, a.reserved.saturating_sub(a.allocated)))
                 }),
-                crate::manager::CUDA_HEADROOM,
+                crate::engine::CUDA_HEADROOM,
                 Arc::new(|| {
                     if let Err(e) = crate::tier::cuda::empty_cache() {
                         tracing::warn!(error = %e, "could not release the CUDA allocator's cache");

@@ -159,6 +159,12 @@ impl Group {
         &self.members[0]
     }
 
+    /// The sum of the members' version counters: it changes whenever any of
+    /// them is written (the engine's dirty check).
+    pub fn version(&self) -> i64 {
+        self.members.iter().map(|m| m.internal_version()).sum()
+    }
+
     /// Points every member at `data` (no copy).
     pub fn set_data(&mut self, data: &Tensor) {
         for m in &mut self.members {

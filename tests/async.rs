@@ -175,10 +175,18 @@ async fn a_future_cancelled_while_loading_releases_its_use() {
         // One poll starts the attempt on the blocking pool; then the future is dropped.
         let _ = futures_poll_once(&mut fut).await;
     }
-    // The attempt runs to its end; the use it took is released with its output.
-    settle(|| m.location() == Location::Cpu && m.use_count() == 0 && pools.stats().waiting == 0).await;
-    assert_eq!((m.location(), m.use_count()), (Location::Cpu, 0), "{}", pools.stats());
+    // An attempt that had not started takes nothing; one that had runs to its
+    // end, and the use it took is released at once. Either way nothing is held.
+    settle(|| {
+        m.use_count() == 0
+            && pools.stats().waiting == 0
+            && !pools.stats().pools.iter().any(|p| p.residents.iter().any(|r| r.moving))
+    })
+    .await;
+    assert_eq!(m.use_count(), 0, "{}", pools.stats());
+    assert!(matches!(m.location(), Location::Cpu | Location::Disk));
     m.offload().expect("idle: no use was leaked");
+    assert_eq!(m.location(), Location::Disk);
     check_invariants(&pools.stats());
 }
 

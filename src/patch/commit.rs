@@ -5,7 +5,7 @@
 //!
 //! Every handle family (a [`Managed`] and its clones) has a *desired* stack of
 //! commits ([`Stack`]). A model has one *applied* state, on its runtime copy
-//! ([`Patches`], inside the engine's per-model data). `commit`, `revert` and
+//! (`rebase::Patches`, locked with the engine's per-model data). `commit`, `revert` and
 //! `revert_to` only validate and edit the desired stack; a guard makes the
 //! applied state equal to its handle's desired stack before it returns (a
 //! *rebase*), and that state then holds for the guard's whole life.
@@ -13,7 +13,7 @@
 //! # Exclusion
 //!
 //! Guards on a model that has commits (or variants) go through a small
-//! per-model lock ([`ModelCommits`]): guards whose desired stacks are equal
+//! per-model lock (`variant::ModelCommits`): guards whose desired stacks are equal
 //! share the model; a guard wanting another stack waits until no guard of the
 //! model is alive, then rebases and takes over. Waiters queue: when the model
 //! is released, a waiting guard goes before newcomers. A model that never had a
@@ -34,36 +34,38 @@
 //! weight's dtype, so replaying and applying incrementally agree bit for bit.
 //! `set_data` keeps the weight's own version counter, so the engine's dirty
 //! checks never mistake a patch for a user write: an eviction first points
-//! every weight back at its base ([`unpatch`]) and then offloads or spills the
+//! every weight back at its base (`PatchHooks::unpatch`) and then offloads or spills the
 //! base, which is therefore written at most once. The next guard replays the
 //! stack. Closure commits are not weights: eviction leaves them applied.
 //!
-//! Patch buffers are charged to the runtime pool (`ModelCore::patch_bytes`):
+//! Patch buffers are charged to the runtime pool (the ledger's patch bytes):
 //! a rebase that patches more weights makes room first (evicting idle models,
-//! or waiting), and fails with `OutOfMemory` without changing anything if it
-//! cannot.
+//! or waiting, never while holding the model's data lock), and fails with
+//! `OutOfMemory` without changing anything if it cannot.
+//!
+//! This file holds the public [`Commit`] type, validated records and the
+//! per-handle stacks; `variant.rs` the admission of guards; `rebase.rs` the
+//! applied state and how it changes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering::*};
+use std::sync::Arc;
 
-use parking_lot::{Condvar, Mutex};
-use tch::{Device, Kind, Tensor};
+use parking_lot::Mutex;
+use tch::{Kind, Tensor};
 
-use crate::manager::{Inner, ModelCore, Wait};
 use crate::user::Group;
 use crate::{Error, Result};
 
 /// The error type closure commits return.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-type ClosureFn = Arc<dyn Fn() -> std::result::Result<(), BoxError> + Send + Sync>;
+pub(super) type ClosureFn = Arc<dyn Fn() -> std::result::Result<(), BoxError> + Send + Sync>;
 
 /// Identifies a commit on a model's stack (unique in the process).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CommitId(u64);
+pub struct CommitId(pub(super) u64);
 
 impl fmt::Display for CommitId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -108,7 +110,7 @@ enum Part {
 }
 
 /// A tensor a commit reads and never writes.
-struct Frozen(Tensor);
+pub(super) struct Frozen(pub(super) Tensor);
 
 // SAFETY: `Tensor` is `Send` but not `Sync` because some of its `&self`
 // methods have interior effects. A `Frozen` tensor is only ever read, through
@@ -117,7 +119,7 @@ struct Frozen(Tensor);
 // number of threads at once, exactly like concurrent reads of a `Send` tensor.
 unsafe impl Sync for Frozen {}
 
-enum WeightOp {
+pub(super) enum WeightOp {
     /// `W += (scale * B) @ A`, A `[r, in...]`, B `[out, r...]`.
     Lora {
         a: Frozen,
@@ -128,7 +130,7 @@ enum WeightOp {
     Replace(Frozen),
 }
 
-fn frozen(t: Tensor) -> Frozen {
+pub(super) fn frozen(t: Tensor) -> Frozen {
     Frozen(t.detach())
 }
 
@@ -260,12 +262,12 @@ pub struct CommitInfo {
 /// A validated commit, resolved against a model's inventory. Immutable and
 /// shared between the stacks of a model's variants.
 pub(crate) struct CommitRecord {
-    id: CommitId,
-    label: String,
-    parts: Vec<RecPart>,
+    pub(super) id: CommitId,
+    pub(super) label: String,
+    pub(super) parts: Vec<RecPart>,
 }
 
-enum RecPart {
+pub(super) enum RecPart {
     Weight { group: usize, target: String, op: WeightOp },
     Closure { apply: ClosureFn, revert: ClosureFn },
 }
@@ -287,7 +289,7 @@ impl CommitRecord {
         CommitInfo { id: self.id, label: self.label.clone(), targets, closures }
     }
 
-    fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         format!("{} ({})", self.label, self.id)
     }
 }
@@ -295,7 +297,7 @@ impl CommitRecord {
 /// A stack of commits, oldest first, as one shared snapshot.
 pub(crate) type Snapshot = Arc<Vec<Arc<CommitRecord>>>;
 
-fn same_stack(a: &[Arc<CommitRecord>], b: &[Arc<CommitRecord>]) -> bool {
+pub(super) fn same_stack(a: &[Arc<CommitRecord>], b: &[Arc<CommitRecord>]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.id == y.id)
 }
 
@@ -307,7 +309,7 @@ pub(crate) struct Index {
 }
 
 impl Index {
-    fn build(groups: &[Group]) -> Index {
+    pub(super) fn build(groups: &[Group]) -> Index {
         let mut by_name = HashMap::new();
         let mut names = Vec::new();
         for (i, g) in groups.iter().enumerate() {
@@ -454,550 +456,6 @@ impl Stack {
     }
 }
 
-// --------------------------------------------------------------------- variant lock
-
-/// Per-model state shared by all handles and variants.
-#[derive(Default)]
-pub(crate) struct ModelCommits {
-    /// Set once the model has a commit or a variant: guards then take the slow path.
-    active: AtomicBool,
-    /// Guards admitted through `lock` that hold a use of the model.
-    engaged: AtomicU64,
-    lock: Mutex<Admission>,
-    cond: Condvar,
-    index: OnceLock<Index>,
-}
-
-#[derive(Default)]
-struct Admission {
-    /// Guards admitted (all want `current`).
-    holders: u64,
-    /// Guards waiting for the model to be free.
-    waiting: u64,
-    current: Option<Snapshot>,
-}
-
-impl ModelCommits {
-    /// Whether guards must take the commit path (cheap check before a plain guard).
-    #[inline]
-    pub(crate) fn is_active(&self) -> bool {
-        self.active.load(Relaxed)
-    }
-
-    /// The same, ordered after the caller's use-count increment (see the module docs).
-    #[inline]
-    pub(crate) fn is_active_after_acquire(&self) -> bool {
-        self.active.load(SeqCst)
-    }
-
-    pub(crate) fn activate(&self) {
-        self.active.store(true, SeqCst);
-    }
-
-    pub(crate) fn index(&self, core: &ModelCore) -> &Index {
-        self.index.get_or_init(|| core.with_weights(|groups, _| Index::build(groups)))
-    }
-
-    /// Admits a guard wanting `desired`: at once if the model is free or held by
-    /// guards wanting the same stack, else after every guard of the model drops.
-    fn admit(&self, model: &str, desired: &Snapshot, wait: Wait) -> Result<()> {
-        let mut s = self.lock.lock();
-        let mut queued = false;
-        let res = loop {
-            let joins = s.holders > 0 && s.current.as_ref().is_some_and(|c| same_stack(c, desired));
-            // A free model goes to a queued waiter before a newcomer (no starvation),
-            // except for calls that may not wait at all.
-            let takes = s.holders == 0 && (queued || s.waiting == 0 || matches!(wait, Wait::No));
-            if joins || takes {
-                break Ok(());
-            }
-            let deadline = match wait {
-                Wait::Until(d, _) if Instant::now() < d => d,
-                _ => break Err(Error::InUse { model: model.into(), guards: s.holders }),
-            };
-            if !queued {
-                queued = true;
-                s.waiting += 1;
-            }
-            self.cond.wait_until(&mut s, deadline);
-        };
-        if queued {
-            s.waiting -= 1;
-        }
-        match res {
-            Ok(()) => {
-                if s.holders == 0 {
-                    s.current = Some(desired.clone());
-                    if s.waiting > 0 {
-                        self.cond.notify_all(); // waiters wanting the same stack can join
-                    }
-                }
-                s.holders += 1;
-            }
-            // Others may have queued behind this one while the model was free.
-            Err(_) if s.holders == 0 && s.waiting > 0 => {
-                self.cond.notify_all();
-            }
-            Err(_) => {}
-        }
-        res
-    }
-
-    fn leave(&self) {
-        let mut s = self.lock.lock();
-        s.holders -= 1;
-        if s.holders == 0 && s.waiting > 0 {
-            self.cond.notify_all();
-        }
-    }
-}
-
-/// Takes a use of the model with `stack` applied on it (the guard slow path).
-/// On `Ok` the caller must call [`release`].
-pub(crate) fn acquire(
-    inner: &Inner,
-    core: &Arc<ModelCore>,
-    mc: &ModelCommits,
-    stack: &Stack,
-    wait: Wait,
-) -> Result<()> {
-    let desired = stack.snapshot();
-    mc.admit(&core.name, &desired, wait)?;
-    if let Err(e) = inner.acquire(core, wait) {
-        mc.leave();
-        return Err(e);
-    }
-    mc.engaged.fetch_add(1, SeqCst);
-    match sync(inner, core, mc, &desired, wait) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            release(inner, core, mc);
-            Err(e)
-        }
-    }
-}
-
-/// Gives back a use taken by [`acquire`].
-pub(crate) fn release(inner: &Inner, core: &ModelCore, mc: &ModelCommits) {
-    mc.engaged.fetch_sub(1, SeqCst);
-    inner.release(core);
-    mc.leave();
-}
-
-/// Brings the applied state to `desired`. Runs with a use of the model held and
-/// the variant lock admitted for `desired`.
-fn sync(inner: &Inner, core: &ModelCore, mc: &ModelCommits, desired: &Snapshot, wait: Wait) -> Result<()> {
-    let mut pause = Duration::from_micros(50);
-    loop {
-        let done = core.with_weights(|groups, p| -> Result<bool> {
-            if p.synced.as_ref().is_some_and(|s| same_stack(s, desired)) {
-                return Ok(true);
-            }
-            // Guards taken before the model's first commit did not come through the
-            // variant lock: wait for them to drop before changing the weights.
-            if core.uses() > mc.engaged.load(SeqCst) {
-                return Ok(false);
-            }
-            rebase(
-                &core.name,
-                groups,
-                p,
-                desired,
-                &mut |bytes| inner.set_patch_bytes(core, bytes, wait),
-                &mut |bytes| inner.try_grow_patch_bytes(core, bytes),
-            )?;
-            Ok(true)
-        })?;
-        if done {
-            return Ok(());
-        }
-        match wait {
-            Wait::Until(deadline, _) if Instant::now() < deadline => {
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(5));
-            }
-            _ => return Err(Error::InUse { model: core.name.clone(), guards: core.uses() - 1 }),
-        }
-    }
-}
-
-// --------------------------------------------------------------------- patches
-
-/// What is applied on a model's runtime copy. Lives in the engine's per-model data.
-#[derive(Default)]
-pub(crate) struct Patches {
-    /// The commits whose closures are applied, oldest first.
-    closures: Vec<Arc<CommitRecord>>,
-    /// Patched weights, by group.
-    groups: HashMap<usize, GroupPatch>,
-    /// The stack fully applied now (closures and weights), when known.
-    synced: Option<Snapshot>,
-}
-
-struct GroupPatch {
-    /// The weight before any patch (what the weight points back to on revert).
-    base: Tensor,
-    /// The patched weight the group points at: owned by the patch machinery.
-    buf: Tensor,
-    /// The weight parts applied on `buf`, in order.
-    ops: Vec<OpRef>,
-    /// The buffer of the state applied before (another variant's, typically)
-    /// and its ops, kept when the pool had room for it: switching back is then
-    /// a pointer swap, not a recomputation. Its bytes are charged too.
-    spare: Option<(Tensor, Vec<OpRef>)>,
-}
-
-/// Bytes the patch machinery holds: a buffer per patched weight, plus its spare.
-fn held(groups: &[Group], p: &Patches) -> u64 {
-    p.groups.iter().map(|(&g, gp)| groups[g].bytes * (1 + gp.spare.is_some() as u64)).sum()
-}
-
-#[derive(Clone)]
-struct OpRef {
-    rec: Arc<CommitRecord>,
-    part: usize,
-}
-
-impl OpRef {
-    fn op(&self) -> &WeightOp {
-        match &self.rec.parts[self.part] {
-            RecPart::Weight { op, .. } => op,
-            RecPart::Closure { .. } => unreachable!("an OpRef names a weight part"),
-        }
-    }
-}
-
-fn same_ops(a: &[OpRef], b: &[OpRef]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.rec.id == y.rec.id && x.part == y.part)
-}
-
-/// Drops every spare buffer (a cache of the previous state) and returns the
-/// bytes freed. The weights are unchanged: spares are never what a weight points at.
-pub(crate) fn drop_spares(groups: &[Group], p: &mut Patches) -> u64 {
-    let mut freed = 0;
-    for (&g, gp) in p.groups.iter_mut() {
-        if gp.spare.take().is_some() {
-            freed += groups[g].bytes;
-        }
-    }
-    freed
-}
-
-/// Points every patched weight back at its base and forgets the patches (the
-/// model is leaving its runtime location). Closures stay applied.
-pub(crate) fn unpatch(groups: &mut [Group], p: &mut Patches) {
-    for (i, gp) in p.groups.drain() {
-        groups[i].set_data(&gp.base);
-    }
-    p.synced = None;
-}
-
-enum Action {
-    /// Back to the base.
-    Unpatch,
-    /// Apply the ops after the `n` already on the buffer.
-    Extend(usize),
-    /// The spare buffer holds exactly the wanted ops: swap it in, compute nothing.
-    Swap,
-    /// Recompute into the spare buffer from the base, then swap it in (the
-    /// current buffer becomes the spare).
-    IntoSpare,
-    /// Recompute into a new buffer (the current one becomes the spare).
-    IntoNew,
-    /// Recompute the current buffer from the base, in place (no room for a spare).
-    InPlace,
-    /// A weight patched for the first time.
-    Fresh,
-}
-
-/// Makes the applied state equal to `desired`: weights first (computed, not yet
-/// visible where new), then closures; on any failure everything done so far is
-/// undone and the model is left as it was. `charge` sets the patch bytes
-/// charged to the runtime pool.
-fn rebase(
-    model: &str,
-    groups: &mut [Group],
-    p: &mut Patches,
-    desired: &Snapshot,
-    charge: &mut dyn FnMut(u64) -> Result<()>,
-    try_charge: &mut dyn FnMut(u64) -> bool,
-) -> Result<()> {
-    let _no_grad = tch::no_grad_guard();
-    // The weight ops each group should carry.
-    let mut want: BTreeMap<usize, Vec<OpRef>> = BTreeMap::new();
-    for rec in desired.iter() {
-        for (part, rp) in rec.parts.iter().enumerate() {
-            if let RecPart::Weight { group, .. } = rp {
-                want.entry(*group).or_default().push(OpRef { rec: rec.clone(), part });
-            }
-        }
-    }
-    let touched: BTreeSet<usize> = p.groups.keys().chain(want.keys()).copied().collect();
-    let mut plan = Vec::new();
-    for g in touched {
-        let cur = p.groups.get(&g).map_or(&[][..], |gp| &gp.ops[..]);
-        let w = want.get(&g).map_or(&[][..], |v| &v[..]);
-        if same_ops(cur, w) {
-            continue;
-        }
-        let spare = p.groups.get(&g).and_then(|gp| gp.spare.as_ref());
-        let action = if w.is_empty() {
-            Action::Unpatch
-        } else if !p.groups.contains_key(&g) {
-            Action::Fresh
-        } else if spare.is_some_and(|(_, ops)| same_ops(ops, w)) {
-            Action::Swap
-        } else if !cur.is_empty() && cur.len() < w.len() && same_ops(cur, &w[..cur.len()]) {
-            Action::Extend(cur.len())
-        } else if spare.is_some() {
-            Action::IntoSpare
-        } else {
-            Action::IntoNew
-        };
-        plan.push((g, action));
-    }
-
-    // Memory first: every weight patched afterwards holds its base and a buffer,
-    // and keeps its spare. Those bytes may evict other models or wait...
-    let bytes_before = held(groups, p);
-    let spare_kept = |g: &usize| p.groups.get(g).is_some_and(|gp| gp.spare.is_some());
-    let mut bytes_after: u64 = want.keys().map(|g| groups[*g].bytes * (1 + spare_kept(g) as u64)).sum();
-    if bytes_after > bytes_before {
-        charge(bytes_after)?;
-    }
-    // ...a new spare only takes room that is free now; without it the buffer is
-    // recomputed in place.
-    let mut charged = bytes_before.max(bytes_after);
-    for (g, action) in &mut plan {
-        if matches!(action, Action::IntoNew) {
-            let b = groups[*g].bytes;
-            if try_charge(charged + b) {
-                charged += b;
-                bytes_after += b;
-            } else {
-                *action = Action::InPlace;
-            }
-        }
-    }
-
-    // Weights. Existing buffers are rewritten in place (the model is ours alone);
-    // new ones are only attached once everything succeeded.
-    let mut fresh: Vec<(usize, Tensor, Tensor)> = Vec::new();
-    let mut news: Vec<(usize, Tensor)> = Vec::new();
-    let mut rewritten: Vec<usize> = Vec::new();
-    let mut spoiled: Vec<usize> = Vec::new();
-    let mut weights = || -> Result<()> {
-        for (g, action) in &plan {
-            let w = want.get(g).map_or(&[][..], |v| &v[..]);
-            match (action, p.groups.get_mut(g)) {
-                (Action::Unpatch | Action::Swap, _) => {}
-                (Action::Extend(n), Some(gp)) => {
-                    rewritten.push(*g);
-                    let buf = gp.buf.shallow_clone();
-                    compute(&buf, None, &w[*n..])?;
-                }
-                (Action::IntoSpare, Some(gp)) => {
-                    spoiled.push(*g);
-                    let (buf, _) = gp.spare.as_ref().expect("planned with a spare");
-                    compute(buf, Some(&gp.base), w)?;
-                }
-                (Action::IntoNew, Some(gp)) => {
-                    let buf = Tensor::f_empty(gp.base.size(), (gp.base.kind(), gp.base.device()))?;
-                    compute(&buf, Some(&gp.base), w)?;
-                    news.push((*g, buf));
-                }
-                (_, Some(gp)) => {
-                    rewritten.push(*g);
-                    compute(&gp.buf, Some(&gp.base), w)?;
-                }
-                (_, None) => {
-                    let base = groups[*g].current().detach();
-                    let buf = Tensor::f_empty(base.size(), (base.kind(), base.device()))?;
-                    compute(&buf, Some(&base), w)?;
-                    fresh.push((*g, base, buf));
-                }
-            }
-        }
-        Ok(())
-    };
-    let mut res = weights();
-
-    // Closures: revert what leaves (newest first), apply what comes (in order).
-    let mut closure_log: Vec<(ClosureFn, bool)> = Vec::new(); // (inverse to run on rollback, was apply)
-    if res.is_ok() {
-        res = run_closures(model, &p.closures, desired, &mut closure_log);
-    }
-
-    if let Err(e) = res {
-        // Undo: closures in reverse, then the weights rewritten in place.
-        for (undo, _) in closure_log.iter().rev() {
-            if let Err(err) = undo() {
-                tracing::warn!(model, error = %err, "could not undo a closure commit during a failed rebase");
-            }
-        }
-        for g in spoiled {
-            // Its content no longer matches its ops: drop it.
-            p.groups.get_mut(&g).expect("spoiled groups are patched").spare = None;
-        }
-        for g in rewritten {
-            let gp = p.groups.get_mut(&g).expect("rewritten groups are patched");
-            if compute(&gp.buf, Some(&gp.base), &gp.ops).is_err() {
-                // Cannot rebuild it: fall back to the base, and say what is applied.
-                let gp = p.groups.remove(&g).expect("present");
-                groups[g].set_data(&gp.base);
-                p.synced = None;
-            }
-        }
-        let now = held(groups, p);
-        let _ = charge(now);
-        return Err(e);
-    }
-
-    // Publish (infallible).
-    for (g, action) in plan {
-        match action {
-            Action::Unpatch => {
-                let gp = p.groups.remove(&g).expect("unpatch targets a patched group");
-                groups[g].set_data(&gp.base);
-            }
-            Action::Fresh => {} // attached below
-            Action::Extend(_) | Action::InPlace => {
-                let gp = p.groups.get_mut(&g).expect("patched");
-                gp.ops = want.remove(&g).expect("patched groups have ops");
-            }
-            Action::Swap | Action::IntoSpare => {
-                let gp = p.groups.get_mut(&g).expect("patched");
-                let (buf, _) = gp.spare.take().expect("planned with a spare");
-                let ops = want.remove(&g).expect("patched groups have ops");
-                let old = (std::mem::replace(&mut gp.buf, buf), std::mem::replace(&mut gp.ops, ops));
-                gp.spare = Some(old);
-                groups[g].set_data(&gp.buf);
-            }
-            Action::IntoNew => {} // attached below
-        }
-    }
-    for (g, buf) in news {
-        let gp = p.groups.get_mut(&g).expect("patched");
-        let ops = want.remove(&g).expect("patched groups have ops");
-        let old = (std::mem::replace(&mut gp.buf, buf), std::mem::replace(&mut gp.ops, ops));
-        gp.spare = Some(old);
-        groups[g].set_data(&gp.buf);
-    }
-    for (g, base, buf) in fresh {
-        groups[g].set_data(&buf);
-        let ops = want.remove(&g).expect("fresh groups have ops");
-        p.groups.insert(g, GroupPatch { base, buf, ops, spare: None });
-    }
-    p.closures = desired.to_vec();
-    p.synced = Some(desired.clone());
-    debug_assert_eq!(held(groups, p), bytes_after);
-    if bytes_after < charged {
-        charge(bytes_after)?;
-    }
-    Ok(())
-}
-
-/// Reverts the closures of `applied` that are not in `desired` (newest first)
-/// and applies those of `desired` that are not applied, logging inverses.
-fn run_closures(
-    model: &str,
-    applied: &[Arc<CommitRecord>],
-    desired: &[Arc<CommitRecord>],
-    log: &mut Vec<(ClosureFn, bool)>,
-) -> Result<()> {
-    let common = applied.iter().zip(desired).take_while(|(a, d)| a.id == d.id).count();
-    let failed = |rec: &CommitRecord, action: &'static str, source: BoxError| Error::CommitFailed {
-        model: model.into(),
-        commit: rec.describe(),
-        action,
-        source,
-    };
-    for rec in applied[common..].iter().rev() {
-        for part in rec.parts.iter().rev() {
-            if let RecPart::Closure { apply, revert } = part {
-                revert().map_err(|e| failed(rec, "revert", e))?;
-                log.push((apply.clone(), false));
-            }
-        }
-    }
-    for rec in &desired[common..] {
-        for part in &rec.parts {
-            if let RecPart::Closure { apply, revert } = part {
-                apply().map_err(|e| failed(rec, "apply", e))?;
-                log.push((revert.clone(), true));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Writes into `buf` the result of applying `ops` in order to `src` (or to
-/// `buf`'s own content when `src` is `None`). `buf` is contiguous, owned by the
-/// patch machinery and has the weight's shape, dtype and device.
-fn compute(buf: &Tensor, src: Option<&Tensor>, ops: &[OpRef]) -> Result<()> {
-    let mut buf = buf.shallow_clone();
-    let kind = buf.kind();
-    let device = buf.device();
-    let shape = buf.size();
-    let acc = if kind == Kind::Double { Kind::Double } else { Kind::Float };
-    let mut src = src;
-    for op in ops {
-        let from = src.take();
-        match op.op() {
-            WeightOp::Replace(v) => {
-                buf.f_copy_(&v.0.f_to_device(device)?)?;
-            }
-            WeightOp::Delta(d) => {
-                let d = on(&d.0, device, acc)?;
-                add(&mut buf, from, &d, acc)?;
-            }
-            WeightOp::Lora { a, b, scale } => {
-                let rank = a.0.size()[0];
-                let out = shape[0];
-                let a = on(&a.0, device, acc)?.f_reshape([rank, -1])?;
-                let mut b = on(&b.0, device, acc)?.f_reshape([out, rank])?;
-                if *scale != 1.0 {
-                    b = b.f_mul_scalar(*scale)?; // the small factor: no pass over the weight
-                }
-                match from {
-                    // Straight into the buffer: Δ, then Δ + W (the same sums as W + Δ).
-                    Some(w) if kind == acc => {
-                        let _ = b.f_mm_out(&buf.f_view([out, -1])?, &a)?;
-                        let _ = buf.f_add_(w)?;
-                    }
-                    _ => add(&mut buf, from, &b.f_mm(&a)?.f_reshape(&shape[..])?, acc)?,
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-fn on(t: &Tensor, device: Device, kind: Kind) -> Result<Tensor> {
-    Ok(t.f_to_device(device)?.f_to_kind(kind)?)
-}
-
-/// `buf ← round(f(from or buf) + delta)`, computed in `acc`.
-fn add(buf: &mut Tensor, from: Option<&Tensor>, delta: &Tensor, acc: Kind) -> Result<()> {
-    match from {
-        Some(w) if buf.kind() == acc => {
-            let _ = w.f_add_out(buf, delta)?;
-        }
-        None if buf.kind() == acc => {
-            let _ = buf.f_add_(delta)?;
-        }
-        _ => {
-            let w: &Tensor = match from {
-                Some(w) => w,
-                None => buf,
-            };
-            let sum = w.f_to_kind(acc)?.f_add(delta)?;
-            buf.f_copy_(&sum)?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1017,31 +475,5 @@ mod tests {
         assert!(s.truncate(None));
         assert_eq!(s.pop(), None);
         assert_eq!(fork.infos().len(), 1, "a fork keeps its own stack");
-    }
-
-    #[test]
-    fn compute_matches_plain_tch_for_half_weights() {
-        let _g = tch::no_grad_guard();
-        tch::manual_seed(3);
-        let base = Tensor::randn([6, 5], (Kind::Float, Device::Cpu)).to_kind(Kind::Half);
-        let a = Tensor::randn([2, 5], (Kind::Float, Device::Cpu));
-        let b = Tensor::randn([6, 2], (Kind::Float, Device::Cpu));
-        let rec = Arc::new(CommitRecord {
-            id: CommitId(1),
-            label: "l".into(),
-            parts: vec![RecPart::Weight {
-                group: 0,
-                target: "w".into(),
-                op: WeightOp::Lora {
-                    a: frozen(a.shallow_clone()),
-                    b: frozen(b.shallow_clone()),
-                    scale: 0.25,
-                },
-            }],
-        });
-        let buf = Tensor::empty([6, 5], (Kind::Half, Device::Cpu));
-        compute(&buf, Some(&base), &[OpRef { rec, part: 0 }]).unwrap();
-        let want = (base.to_kind(Kind::Float) + (&b * 0.25).mm(&a)).to_kind(Kind::Half);
-        assert!(buf.equal(&want));
     }
 }

@@ -5,3 +5,5 @@
 
 pub(crate) mod commit;
 pub(crate) mod lora;
+mod rebase;
+pub(crate) mod variant;
