@@ -240,13 +240,26 @@ pub enum Error {
         reason: String,
     },
 
-    /// A LoRA module matches no tensor of the model (or several).
+    /// A LoRA module matches no tensor of the model.
     #[error("LoRA key `{key}` matches no tensor of the model: {detail}")]
     UnmatchedKey {
         /// The module key as written in the LoRA file.
         key: String,
-        /// The names tried, or the candidates when several match.
+        /// The names tried.
         detail: String,
+    },
+
+    /// A LoRA module matches several tensors of the model, so which one it
+    /// patches is ambiguous.
+    #[error(
+        "LoRA key `{key}` matches several tensors of the model ({}); it must match exactly one",
+        backticked(candidates)
+    )]
+    AmbiguousKey {
+        /// The module key as written in the LoRA file.
+        key: String,
+        /// The names of the tensors it matches.
+        candidates: Vec<String>,
     },
 
     /// A failure inside libtorch.
@@ -280,6 +293,11 @@ pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// `a`, `b`, `c`: names in backticks, comma-separated.
+fn backticked(names: &[String]) -> String {
+    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
 }
 
 /// Formats a byte count for humans (`1.50 GiB`).

@@ -130,8 +130,8 @@ impl ResourceUser for TensorSet {
 
 /// Where a model's tensors were found and what they weigh.
 pub(crate) struct Inventory {
-    /// Tensors grouped by exact alias (same data, shape, strides, dtype):
-    /// each group moves as one tensor.
+    /// Tensors grouped by shared memory (exact aliases, or views whose bytes
+    /// overlap in one storage): each group moves as one region.
     pub groups: Vec<Group>,
     /// Bytes the model occupies: each group once.
     pub bytes: u64,
@@ -139,7 +139,18 @@ pub(crate) struct Inventory {
     pub device: Device,
 }
 
-/// Tensors that alias each other exactly, moved as one.
+/// Tensors that share memory, moved as one region of one storage.
+///
+/// In the common case every member has the same layout (one tensor, or exact
+/// aliases: same data, shape, strides and dtype): `shape` is that tensor's
+/// shape and [`Group::current`] is the first member. When members are
+/// different views whose bytes overlap (a weight and a narrow of it, a
+/// transpose, ...), the group is the region of the storage from the lowest
+/// byte any member reaches to the highest: `shape` is a contiguous shape of
+/// that region (a member's shape when one member covers it contiguously, else
+/// `[elements]`), [`Group::current`] is a tensor over the region, and
+/// [`Group::set_data`] re-creates every member as a view of the new region, so
+/// the members still share memory after a move.
 pub(crate) struct Group {
     /// Name under which the group is stored on disk (its first member's name).
     pub key: String,
@@ -147,29 +158,75 @@ pub(crate) struct Group {
     pub names: Vec<String>,
     /// Handles on the user's tensors.
     pub members: Vec<Tensor>,
-    /// Bytes of one copy.
+    /// Bytes of one copy (of the region).
     pub bytes: u64,
+    /// The dtype of every member.
     pub kind: Kind,
+    /// Shape of [`Group::current`], and of the tensor [`Group::set_data`] expects.
     pub shape: Vec<i64>,
+    /// For views that overlap without being aliases: the region and each
+    /// member's layout in it. `None` in the common case.
+    region: Option<Region>,
+}
+
+/// The region of a group of overlapping views, and where each member lies in it.
+struct Region {
+    /// A tensor over the whole region, of the group's shape, contiguous.
+    tensor: Tensor,
+    /// Each member's layout relative to the region's first element, in member order.
+    layouts: Vec<Layout>,
+}
+
+/// A member's sizes, strides and storage offset relative to its region.
+struct Layout {
+    sizes: Vec<i64>,
+    strides: Vec<i64>,
+    offset: i64,
 }
 
 impl Group {
-    /// The tensor every member currently shares.
+    /// The tensor holding the group's bytes, of shape `shape`: the first
+    /// member, or the region tensor for overlapping views.
     pub fn current(&self) -> &Tensor {
-        &self.members[0]
-    }
-
-    /// The sum of the members' version counters: it changes whenever any of
-    /// them is written (the engine's dirty check).
-    pub fn version(&self) -> i64 {
-        self.members.iter().map(|m| m.internal_version()).sum()
-    }
-
-    /// Points every member at `data` (no copy).
-    pub fn set_data(&mut self, data: &Tensor) {
-        for m in &mut self.members {
-            m.set_data(data);
+        match &self.region {
+            Some(r) => &r.tensor,
+            None => &self.members[0],
         }
+    }
+
+    /// Points every member at `data` (no copy). `data` is a contiguous tensor
+    /// of the group's `shape` and `kind` (it may be a view into a larger
+    /// buffer), or an empty placeholder (no elements) while the weights are
+    /// elsewhere; for overlapping views each member becomes its own view of
+    /// `data`, so they keep sharing memory.
+    pub fn set_data(&mut self, data: &Tensor) {
+        match &mut self.region {
+            Some(r) if data.numel() > 0 => {
+                debug_assert!(data.is_contiguous() && data.size() == self.shape && data.kind() == self.kind);
+                let base = storage_offset(data);
+                for (m, l) in self.members.iter_mut().zip(&r.layouts) {
+                    m.set_data(&data.as_strided(l.sizes.as_slice(), l.strides.as_slice(), base + l.offset));
+                }
+                // `set_data` keeps the region tensor's version counter (see `group`).
+                r.tensor.set_data(data);
+            }
+            region => {
+                for m in &mut self.members {
+                    m.set_data(data);
+                }
+                if let Some(r) = region {
+                    r.tensor.set_data(data);
+                }
+            }
+        }
+    }
+
+    /// A counter that grows whenever any member (or the region tensor) is
+    /// written in place: the sum of their version counters. Compare it with a
+    /// value taken earlier to tell whether the group was modified.
+    pub fn version(&self) -> i64 {
+        let members: i64 = self.members.iter().map(Tensor::internal_version).sum();
+        members + self.region.as_ref().map_or(0, |r| r.tensor.internal_version())
     }
 }
 
@@ -178,43 +235,189 @@ pub(crate) fn tensor_bytes(t: &Tensor) -> u64 {
     (t.numel() * t.kind().elt_size_in_bytes()) as u64
 }
 
-/// Groups aliases, checks that everything is on one device, and sizes the model.
+/// Address of the first byte of a non-empty tensor's storage (its data
+/// pointer less its storage offset).
+fn storage_base(t: &Tensor) -> usize {
+    tch::no_grad(|| t.detach().as_strided([1], [1], 0).data_ptr() as usize)
+}
+
+/// A non-empty tensor's storage offset, in elements.
+fn storage_offset(t: &Tensor) -> i64 {
+    let elt = t.kind().elt_size_in_bytes();
+    ((t.data_ptr() as usize - storage_base(t)) / elt) as i64
+}
+
+/// Elements from a tensor's first element to one past its last, in storage
+/// order (strides are never negative in libtorch).
+fn extent(sizes: &[i64], strides: &[i64]) -> i64 {
+    1 + sizes.iter().zip(strides).map(|(&n, &s)| (n - 1) * s).sum::<i64>()
+}
+
+/// Contiguous strides for `shape`.
+fn contiguous_strides(shape: &[i64]) -> Vec<i64> {
+    let mut strides = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1].max(1);
+    }
+    strides
+}
+
+/// Why the spill format cannot store a tensor, if it cannot.
+fn unstorable(name: &str, t: &Tensor) -> Option<String> {
+    if name == "__metadata__" {
+        return Some("the name `__metadata__` is reserved by the safetensors format sire spills to".into());
+    }
+    if t.is_sparse() || t.is_mkldnn() {
+        return Some(format!("tensor `{name}` is not a dense tensor, which sire cannot move or spill"));
+    }
+    let kind = t.kind();
+    crate::tier::spill::kind_to_dtype(kind).err().map(|_| {
+        format!(
+            "tensor `{name}` is {kind:?}, a dtype the spill format (safetensors) cannot store \
+             (supported: Float, Double, Half, BFloat16, Int8, Uint8, Int16, Int, Int64, Bool)"
+        )
+    })
+}
+
+/// A tensor of the model as found at registration.
+struct Found {
+    name: String,
+    tensor: Tensor,
+    /// `(device, storage base)`: equal for tensors of one storage.
+    storage: Option<(Device, usize)>,
+    /// Storage offset in elements.
+    offset: i64,
+    /// Bytes of the storage it reaches: `[start, end)` from the storage base.
+    span: (usize, usize),
+}
+
+/// Groups tensors that share memory, checks that everything is on one device
+/// and can be spilled, and sizes the model.
 pub(crate) fn inventory(model: &str, tensors: Vec<(String, Tensor)>) -> Result<Inventory> {
-    let mut groups: Vec<Group> = Vec::new();
-    let mut by_alias: HashMap<(usize, Kind, Vec<i64>, Vec<i64>), usize> = HashMap::new();
+    let invalid = |reason: String| Error::InvalidOptions { model: model.into(), reason };
     let mut seen_names: HashMap<String, ()> = HashMap::new();
     let mut devices: Vec<(String, Device)> = Vec::new();
+    let mut found: Vec<Found> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         if seen_names.insert(name.clone(), ()).is_some() {
-            return Err(Error::InvalidOptions {
-                model: model.into(),
-                reason: format!("two tensors are both named `{name}`"),
-            });
+            return Err(invalid(format!("two tensors are both named `{name}`")));
+        }
+        if let Some(why) = unstorable(&name, &t) {
+            return Err(invalid(why));
         }
         devices.push((name.clone(), t.device()));
-        let bytes = tensor_bytes(&t);
-        let ptr = t.data_ptr() as usize;
-        let key = (ptr, t.kind(), t.size(), t.stride());
-        if bytes > 0 && ptr != 0 {
-            if let Some(&g) = by_alias.get(&key) {
-                groups[g].members.push(t);
-                groups[g].names.push(name);
-                continue;
-            }
-            by_alias.insert(key, groups.len());
-        }
-        groups.push(Group {
-            key: name.clone(),
-            names: vec![name],
-            bytes,
-            kind: t.kind(),
-            shape: t.size(),
-            members: vec![t],
-        });
+        let ptr = if t.numel() > 0 { t.data_ptr() as usize } else { 0 };
+        let (storage, offset, span) = if ptr != 0 {
+            let elt = t.kind().elt_size_in_bytes();
+            let base = storage_base(&t);
+            let offset = ((ptr - base) / elt) as i64;
+            let end = offset + extent(&t.size(), &t.stride());
+            (Some((t.device(), base)), offset, (offset as usize * elt, end as usize * elt))
+        } else {
+            (None, 0, (0, 0))
+        };
+        found.push(Found { name, tensor: t, storage, offset, span });
     }
     let device = one_device(model, &devices)?;
+
+    // Connected components of tensors whose bytes overlap in one storage.
+    let mut component: Vec<usize> = (0..found.len()).collect();
+    let mut by_storage: HashMap<(Device, usize), Vec<usize>> = HashMap::new();
+    for (i, f) in found.iter().enumerate() {
+        if let Some(s) = f.storage {
+            by_storage.entry(s).or_default().push(i);
+        }
+    }
+    for mut idx in by_storage.into_values() {
+        idx.sort_by_key(|&i| found[i].span.0);
+        let (mut head, mut end) = (idx[0], found[idx[0]].span.1);
+        for &i in &idx[1..] {
+            if found[i].span.0 < end {
+                component[i] = head;
+                end = end.max(found[i].span.1);
+            } else {
+                (head, end) = (i, found[i].span.1);
+            }
+        }
+    }
+    // Each component, in the order of its first member; members in input order.
+    let mut slot: HashMap<usize, usize> = HashMap::new();
+    let mut parts: Vec<Vec<Found>> = Vec::new();
+    let heads: Vec<usize> = (0..found.len())
+        .map(|i| {
+            let mut h = component[i];
+            while component[h] != h {
+                h = component[h];
+            }
+            h
+        })
+        .collect();
+    for (f, h) in found.into_iter().zip(heads) {
+        let at = *slot.entry(h).or_insert_with(|| {
+            parts.push(Vec::new());
+            parts.len() - 1
+        });
+        parts[at].push(f);
+    }
+    let groups = parts.into_iter().map(|p| group(model, p)).collect::<Result<Vec<_>>>()?;
     let bytes = groups.iter().map(|g| g.bytes).sum();
     Ok(Inventory { groups, bytes, device })
+}
+
+/// One group from tensors whose bytes overlap (a component of `inventory`).
+fn group(model: &str, part: Vec<Found>) -> Result<Group> {
+    let first = &part[0];
+    let (kind, sizes, strides) = (first.tensor.kind(), first.tensor.size(), first.tensor.stride());
+    if let Some(other) = part.iter().find(|f| f.tensor.kind() != kind) {
+        return Err(Error::InvalidOptions {
+            model: model.into(),
+            reason: format!(
+                "tensors `{}` ({kind:?}) and `{}` ({:?}) share memory with different dtypes; \
+                 sire moves shared memory as one region of one dtype",
+                first.name,
+                other.name,
+                other.tensor.kind()
+            ),
+        });
+    }
+    let key = first.name.clone();
+    let aliases = part
+        .iter()
+        .all(|f| f.offset == first.offset && f.tensor.size() == sizes && f.tensor.stride() == strides);
+    if aliases {
+        let bytes = tensor_bytes(&first.tensor);
+        let (names, members) = part.into_iter().map(|f| (f.name, f.tensor)).unzip();
+        return Ok(Group { key, names, members, bytes, kind, shape: sizes, region: None });
+    }
+    let elt = kind.elt_size_in_bytes();
+    let start = part.iter().map(|f| f.offset).min().unwrap_or(0);
+    let end = part.iter().map(|f| (f.span.1 / elt) as i64).max().unwrap_or(0);
+    let len = end - start;
+    let covers = |f: &&Found| f.offset == start && f.tensor.numel() as i64 == len && f.tensor.is_contiguous();
+    let shape = part.iter().find(covers).map_or_else(|| vec![len], |f| f.tensor.size());
+    // The region tensor is a `detach` of the first member (which shares its
+    // version counter, and with it the counter of every member that is a view
+    // of the same base) given the region's layout by `set_data` (which keeps
+    // that counter and, unlike a view, holds no reference to the old storage).
+    // So a write through such a member shows in `current().internal_version()`,
+    // while `set_data` itself (a move, a patch buffer) does not.
+    let mut tensor = first.tensor.detach();
+    let strides = contiguous_strides(&shape);
+    tensor.set_data(&first.tensor.detach().as_strided(shape.as_slice(), strides.as_slice(), start));
+    let layouts = part
+        .iter()
+        .map(|f| Layout { sizes: f.tensor.size(), strides: f.tensor.stride(), offset: f.offset - start })
+        .collect();
+    let (names, members) = part.into_iter().map(|f| (f.name, f.tensor)).unzip();
+    Ok(Group {
+        key,
+        names,
+        members,
+        bytes: (len as usize * elt) as u64,
+        kind,
+        shape,
+        region: Some(Region { tensor, layouts }),
+    })
 }
 
 /// The one device all tensors are on (the CPU for a model without tensors), or
@@ -275,5 +478,170 @@ mod tests {
             ],
         );
         assert!(matches!(dup, Err(Error::InvalidOptions { .. })));
+    }
+
+    fn inv(tensors: Vec<(&str, Tensor)>) -> Result<Inventory> {
+        inventory("m", tensors.into_iter().map(|(n, t)| (n.to_string(), t)).collect())
+    }
+
+    fn shares_memory(a: &Tensor, b: &Tensor) -> bool {
+        storage_base(a) == storage_base(b)
+    }
+
+    /// A contiguous float tensor on the CPU, standing for what the engine
+    /// hands `set_data`: a view into a larger buffer at a nonzero offset.
+    fn region_in_buffer(shape: &[i64], fill: f64) -> (Tensor, Tensor) {
+        let n: i64 = shape.iter().product();
+        let buffer = Tensor::full([n + 5], fill, tch::kind::FLOAT_CPU);
+        let data = buffer.narrow(0, 5, n).view(shape);
+        (buffer, data)
+    }
+
+    #[test]
+    fn a_view_and_its_base_count_once_and_keep_sharing_after_a_move() {
+        let w = Tensor::arange(16, tch::kind::FLOAT_CPU).view([4, 4]);
+        let top = w.narrow(0, 0, 2);
+        let mut inv = inv(vec![("w", w.shallow_clone()), ("top", top.shallow_clone())]).unwrap();
+        assert_eq!((inv.groups.len(), inv.bytes), (1, 64));
+        let g = &mut inv.groups[0];
+        assert_eq!((g.key.as_str(), g.names.clone()), ("w", vec!["w".to_string(), "top".to_string()]));
+        assert_eq!((g.shape.clone(), g.kind), (vec![4, 4], Kind::Float), "`w` covers the region");
+        assert!(g.current().equal(&w));
+        let (buffer, data) = region_in_buffer(&g.shape, 1.0);
+        let (v0, c0) = (g.version(), g.current().internal_version());
+        g.set_data(&data);
+        assert_eq!((g.version(), g.current().internal_version()), (v0, c0), "a move is not a write");
+        assert!(shares_memory(&w, &buffer) && shares_memory(&top, &buffer));
+        assert!(g.current().equal(&data) && shares_memory(g.current(), &buffer));
+        assert_eq!((w.size(), top.size(), top.stride()), (vec![4, 4], vec![2, 4], vec![4, 1]));
+        let _ = top.shallow_clone().fill_(7.0);
+        assert_eq!(w.sum(Kind::Float).double_value(&[]), 2.0 * 4.0 * 7.0 + 8.0);
+        assert!(g.version() > v0, "a write through a member shows in the version");
+        assert!(g.current().internal_version() > c0, "and in the region's, as they are views of one base");
+    }
+
+    #[test]
+    fn two_overlapping_narrows_form_one_region() {
+        let w = Tensor::arange(20, tch::kind::FLOAT_CPU);
+        let a = w.narrow(0, 2, 8); // elements 2..10
+        let b = w.narrow(0, 6, 10); // elements 6..16
+        let c = w.narrow(0, 17, 2); // elements 17..19: no overlap, a group of its own
+        let mut inv = inv(vec![("a", a.shallow_clone()), ("b", b.shallow_clone()), ("c", c)]).unwrap();
+        assert_eq!(inv.groups.len(), 2);
+        assert_eq!(inv.bytes, (14 + 2) * 4);
+        let g = &mut inv.groups[0];
+        assert_eq!((g.names.clone(), g.shape.clone()), (vec!["a".to_string(), "b".to_string()], vec![14]));
+        assert_eq!(Vec::<f32>::try_from(g.current()).unwrap(), (2..16).map(|i| i as f32).collect::<Vec<_>>());
+        let (buffer, mut data) = region_in_buffer(&g.shape, 0.0);
+        data.copy_(&Tensor::arange(14, tch::kind::FLOAT_CPU));
+        g.set_data(&data);
+        assert!(shares_memory(&a, &buffer) && shares_memory(&b, &buffer));
+        assert_eq!(Vec::<f32>::try_from(&a).unwrap(), (0..8).map(|i| i as f32).collect::<Vec<_>>());
+        assert_eq!(Vec::<f32>::try_from(&b).unwrap(), (4..14).map(|i| i as f32).collect::<Vec<_>>());
+        let _ = b.shallow_clone().fill_(-1.0);
+        assert_eq!(a.double_value(&[7]), -1.0, "the overlap is still shared");
+        assert_eq!(a.double_value(&[3]), 3.0);
+        // Spilled: every member points at an empty placeholder; loaded again: views again.
+        g.set_data(&Tensor::empty([0], tch::kind::FLOAT_CPU));
+        assert_eq!((a.numel(), b.numel(), g.current().numel()), (0, 0, 0));
+        let (buffer, data) = region_in_buffer(&g.shape, 3.0);
+        g.set_data(&data);
+        assert_eq!((a.size(), b.size()), (vec![8], vec![10]));
+        assert!(
+            shares_memory(&a, &buffer) && shares_memory(&b, &buffer) && shares_memory(g.current(), &buffer)
+        );
+        let _ = a.shallow_clone().fill_(4.0);
+        assert_eq!(b.sum(Kind::Float).double_value(&[]), 4.0 * 4.0 + 3.0 * 6.0);
+    }
+
+    #[test]
+    fn a_strided_view_keeps_its_strides_through_a_move() {
+        let w = Tensor::arange(12, tch::kind::DOUBLE_CPU).view([3, 4]);
+        let cols = w.slice(1, 1, 4, 2); // columns 1 and 3: strides [4, 2]
+        let wt = w.tr(); // same bytes, another layout
+        let mut inv =
+            inv(vec![("cols", cols.shallow_clone()), ("w", w.shallow_clone()), ("wt", wt.shallow_clone())])
+                .unwrap();
+        assert_eq!((inv.groups.len(), inv.bytes), (1, 12 * 8));
+        let g = &mut inv.groups[0];
+        assert_eq!((g.key.as_str(), g.shape.clone(), g.kind), ("cols", vec![3, 4], Kind::Double));
+        let data = Tensor::arange(12, tch::kind::DOUBLE_CPU).view([3, 4]) * 10;
+        g.set_data(&data);
+        assert_eq!((cols.size(), cols.stride(), wt.stride()), (vec![3, 2], vec![4, 2], vec![1, 4]));
+        assert!(shares_memory(&cols, &data) && shares_memory(&w, &data) && shares_memory(&wt, &data));
+        assert!(cols.equal(&(Tensor::arange(12, tch::kind::DOUBLE_CPU).view([3, 4]).slice(1, 1, 4, 2) * 10)));
+        let _ = wt.shallow_clone().fill_(1.0);
+        assert_eq!(cols.sum(Kind::Double).double_value(&[]), 6.0);
+    }
+
+    #[test]
+    fn a_region_no_member_covers_has_a_flat_shape() {
+        let w = Tensor::arange(10, tch::kind::FLOAT_CPU);
+        let a = w.narrow(0, 0, 6).view([2, 3]);
+        let b = w.narrow(0, 4, 6);
+        let mut inv = inv(vec![("a", a.shallow_clone()), ("b", b.shallow_clone())]).unwrap();
+        let g = &mut inv.groups[0];
+        assert_eq!((g.shape.clone(), g.bytes), (vec![10], 40));
+        let (buffer, data) = region_in_buffer(&[10], 2.0);
+        g.set_data(&data);
+        assert!(shares_memory(&a, &buffer) && shares_memory(&b, &buffer));
+        assert_eq!(a.size(), vec![2, 3]);
+    }
+
+    #[test]
+    fn exact_aliases_stay_one_simple_group() {
+        let w = Tensor::ones([4, 4], tch::kind::FLOAT_CPU);
+        let tied = w.shallow_clone();
+        let same = w.view([4, 4]); // another tensor object, same layout
+        let mut inv =
+            inv(vec![("w", w.shallow_clone()), ("tied", tied.shallow_clone()), ("same", same)]).unwrap();
+        assert_eq!((inv.groups.len(), inv.bytes), (1, 64));
+        let g = &mut inv.groups[0];
+        assert!(g.region.is_none());
+        assert_eq!((g.shape.clone(), g.members.len()), (vec![4, 4], 3));
+        assert_eq!(g.current().data_ptr(), w.data_ptr(), "current() is the first member");
+        let (_buffer, data) = region_in_buffer(&[4, 4], 5.0);
+        g.set_data(&data);
+        assert!(g.members.iter().all(|m| m.data_ptr() == data.data_ptr()));
+        assert_eq!(tied.sum(Kind::Float).double_value(&[]), 80.0);
+        // A lone non-contiguous tensor is simple too (as before: it moves as itself).
+        let inv =
+            inventory("m", vec![("t".into(), Tensor::ones([2, 3], tch::kind::FLOAT_CPU).tr())]).unwrap();
+        assert!(inv.groups[0].region.is_none());
+        assert_eq!((inv.groups[0].shape.clone(), inv.bytes), (vec![3, 2], 24));
+    }
+
+    #[test]
+    fn overlapping_tensors_of_different_dtypes_are_refused() {
+        let raw = Tensor::zeros([16], (Kind::Uint8, Device::Cpu));
+        let f = raw.view_dtype(Kind::Float);
+        let err = inv(vec![("raw", raw.shallow_clone()), ("f", f)]).err().expect("refused");
+        let msg = err.to_string();
+        assert!(matches!(err, Error::InvalidOptions { .. }), "{msg}");
+        assert!(msg.contains("`raw`") && msg.contains("`f`") && msg.contains("Float"), "{msg}");
+        // Disjoint tensors of one buffer (a packed checkpoint) are separate groups.
+        let a = raw.narrow(0, 0, 8).view_dtype(Kind::Float);
+        let b = raw.narrow(0, 8, 8).view_dtype(Kind::Int64);
+        let inv = inv(vec![("a", a), ("b", b)]).unwrap();
+        assert_eq!((inv.groups.len(), inv.bytes), (2, 16));
+    }
+
+    #[test]
+    fn tensors_the_spill_format_cannot_store_are_refused() {
+        let cases = [
+            ("z", Tensor::zeros([2], (Kind::ComplexFloat, Device::Cpu)), "ComplexFloat"),
+            ("__metadata__", Tensor::zeros([2], tch::kind::FLOAT_CPU), "reserved"),
+        ];
+        for (name, t, why) in cases {
+            let ok = Tensor::zeros([2], tch::kind::FLOAT_CPU);
+            match inventory("net", vec![("ok".into(), ok), (name.into(), t)]) {
+                Err(e @ Error::InvalidOptions { .. }) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains("`net`") && msg.contains(name) && msg.contains(why), "{msg}");
+                }
+                Err(e) => panic!("expected InvalidOptions, got {e}"),
+                Ok(_) => panic!("`{name}` was accepted"),
+            }
+        }
     }
 }

@@ -169,8 +169,10 @@ impl Lora {
     /// (`base_model.model.`); failing that onto the one weight whose name ends
     /// with it, or that it ends with, at a `.` boundary; failing that, for
     /// kohya keys (`lora_unet_a_b_c`), onto the one weight whose name with `_`
-    /// for `.` matches the same way. A module that matches nothing, or several
-    /// weights, is an [`Error::UnmatchedKey`] naming it.
+    /// for `.` matches the same way. A module that matches nothing is an
+    /// [`Error::UnmatchedKey`] naming it and the names tried; one that matches
+    /// several weights at the same step is an [`Error::AmbiguousKey`] naming
+    /// it and the candidates.
     pub fn to_commit<S: AsRef<str>>(
         &self,
         names: impl IntoIterator<Item = S>,
@@ -213,12 +215,9 @@ fn match_key(key: &str, names: &[String], bases: &[&str]) -> Result<String> {
         match hits.len() {
             0 => Ok(None),
             1 => Ok(Some(names[hits[0]].clone())),
-            _ => Err(Error::UnmatchedKey {
+            _ => Err(Error::AmbiguousKey {
                 key: key.into(),
-                detail: format!(
-                    "it matches several tensors: {}",
-                    hits.iter().map(|&i| format!("`{}`", names[i])).collect::<Vec<_>>().join(", ")
-                ),
+                candidates: hits.iter().map(|&i| names[i].clone()).collect(),
             }),
         }
     };
@@ -278,16 +277,32 @@ mod tests {
         let prefixed = ["net.layers.0.q.weight", "net.head.weight"];
         assert_eq!(m("layers.0.q", &prefixed).unwrap(), "net.layers.0.q.weight", "prefix on the model");
         match m("q", &model) {
-            Err(Error::UnmatchedKey { key, detail }) => {
-                assert_eq!(key, "q");
-                assert!(detail.contains("several") && detail.contains("layers.1.q.weight"), "{detail}");
+            Err(e @ Error::AmbiguousKey { .. }) => {
+                let msg = e.to_string();
+                assert_eq!(
+                    msg,
+                    "LoRA key `q` matches several tensors of the model (`layers.0.q.weight`, \
+                     `layers.1.q.weight`); it must match exactly one"
+                );
+                assert!(!msg.contains("no tensor"), "{msg}");
             }
-            other => panic!("expected an ambiguity, got {other:?}"),
+            other => panic!("expected AmbiguousKey, got {other:?}"),
+        }
+        // Ambiguous among kohya-style matches too.
+        match m("lora_unet_q", &["a.q.weight", "b.q.weight"]) {
+            Err(Error::AmbiguousKey { key, candidates }) => {
+                assert_eq!(
+                    (key.as_str(), candidates),
+                    ("lora_unet_q", vec!["a.q.weight".into(), "b.q.weight".into()])
+                );
+            }
+            other => panic!("expected AmbiguousKey, got {other:?}"),
         }
         match m("layers.7.k", &model) {
-            Err(Error::UnmatchedKey { key, detail }) => {
-                assert_eq!(key, "layers.7.k");
-                assert!(detail.contains("layers.7.k.weight"), "{detail}");
+            Err(e @ Error::UnmatchedKey { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.starts_with("LoRA key `layers.7.k` matches no tensor of the model: "), "{msg}");
+                assert!(msg.contains("`layers.7.k.weight`") && !msg.contains("several"), "{msg}");
             }
             other => panic!("expected UnmatchedKey, got {other:?}"),
         }
