@@ -7,10 +7,13 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
+use std::thread::ThreadId;
+use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 use tch::Device;
 
+use crate::engine::signal::Deadline;
 use crate::runtime::global;
 use crate::{
     auto_manage_owned, Error, Location, ManageOptions, Managed, OwnedGuard, ResourcePoolManagement,
@@ -63,8 +66,6 @@ struct Inner {
     pools: ResourcePoolManagement,
     location: Location,
     models: RwLock<BTreeMap<String, Arc<dyn Model>>>,
-    /// Serialises `add` (id choice, registration) without blocking fetches.
-    adding: Mutex<()>,
     turn: Arc<Turnstile>,
 }
 
@@ -112,53 +113,47 @@ impl SharedModelManager {
                 pools,
                 location,
                 models: RwLock::new(BTreeMap::new()),
-                adding: Mutex::new(()),
                 turn: Arc::new(Turnstile::default()),
             }),
         }
     }
 
-    /// Registers a model and returns its id: the short name of its type
-    /// (`Detector` for `my_crate::Detector`), with `#2`, `#3`… appended when
-    /// taken. The model is kept off the shared device until fetched; where the
-    /// shared device is the CPU, this writes it to the disk tier.
+    /// Registers a model and returns its id, which is also its name in the
+    /// pools (stats, events, errors): the short name of its type (`Detector`
+    /// for `my_crate::Detector`), with `#2`, `#3`… appended when another model
+    /// of the pools has that name. The model is kept off the shared device until
+    /// fetched; where the shared device is the CPU, this writes it to the disk tier.
     pub fn add<T: ResourceUser + Sync>(&self, model: T) -> Result<String> {
-        let _adding = self.inner.adding.lock();
-        let base = crate::error::short_type_name(std::any::type_name::<T>());
-        let id = {
-            let models = self.inner.models.read();
-            let mut id = base.to_string();
-            let mut n = 1;
-            while models.contains_key(&id) {
-                n += 1;
-                id = format!("{base}#{n}");
-            }
-            id
-        };
-        self.register(id.clone(), model)?;
-        Ok(id)
+        self.register(None, model)
     }
 
     /// Registers a model under the given id ([`Error::InvalidOptions`] if the
-    /// id is taken); see [`add`](Self::add).
+    /// id, or the name of another model of the pools, is taken); see [`add`](Self::add).
     pub fn add_with_id<T: ResourceUser + Sync>(&self, id: impl Into<String>, model: T) -> Result<()> {
-        let _adding = self.inner.adding.lock();
         let id = id.into();
         if self.inner.models.read().contains_key(&id) {
             return Err(Error::InvalidOptions { model: id, reason: "this id is already taken".into() });
         }
-        self.register(id, model)
+        self.register(Some(id), model).map(|_| ())
     }
 
-    /// Called with `adding` held and `id` free.
-    fn register<T: ResourceUser + Sync>(&self, id: String, model: T) -> Result<()> {
-        let opts = ManageOptions::new().name(id.clone()).runtime(self.inner.location);
+    /// Registers the model (the pools choose a free name when `id` is `None`).
+    fn register<T: ResourceUser + Sync>(&self, id: Option<String>, model: T) -> Result<String> {
+        let mut opts = ManageOptions::new().runtime(self.inner.location);
+        if let Some(id) = id {
+            opts = opts.name(id);
+        }
         let m = self.inner.pools.manage_with(model, opts)?;
         // Registration leaves the weights in host memory, which is the shared
         // device when there is no GPU: move them to the offload tier.
         m.offload()?;
-        self.inner.models.write().insert(id, Arc::new(m));
-        Ok(())
+        let id = m.name().to_string();
+        let mut models = self.inner.models.write();
+        if models.contains_key(&id) {
+            return Err(Error::InvalidOptions { model: id, reason: "this id is already taken".into() });
+        }
+        models.insert(id.clone(), Arc::new(m));
+        Ok(id)
     }
 
     /// Waits for the shared device, makes `id` its occupant (offloading the
@@ -172,15 +167,18 @@ impl SharedModelManager {
     /// [`auto_manage`](crate::auto_manage) and [`Managed::offload`].
     pub fn fetch_model<T: 'static>(&self, id: &str) -> Result<ExclusiveGuard<T>> {
         let m = self.typed::<T>(id)?;
-        let (mut permit, admit) = self.inner.turn.enter_blocking(id);
-        if let Admit::Switch { prev: Some(prev) } = &admit {
-            self.model(prev)?.offload()?;
-            self.inner.turn.cleared();
+        let deadline = Deadline::after(self.inner.pools.inner.wait_timeout);
+        let (mut permit, admit) = self.inner.turn.enter_blocking(id, deadline)?;
+        if let Admit::Switch { prev } = &admit {
+            if let Some(prev) = prev {
+                offload_within(&*self.model(prev)?, deadline)?;
+            }
+            // From here on `id` may be on the device, even if its load fails:
+            // the next switch offloads it.
+            self.inner.turn.occupy(id);
         }
         let guard = auto_manage_owned(&m)?;
-        if matches!(admit, Admit::Switch { .. }) {
-            permit.switched(id);
-        }
+        permit.switched();
         Ok(ExclusiveGuard { guard, _permit: permit, id: id.to_string() })
     }
 
@@ -190,16 +188,19 @@ impl SharedModelManager {
     #[cfg(feature = "tokio")]
     pub async fn fetch_model_async<T: Send + Sync + 'static>(&self, id: &str) -> Result<ExclusiveGuard<T>> {
         let m = self.typed::<T>(id)?;
-        let (mut permit, admit) = self.inner.turn.enter_async(id).await;
-        if let Admit::Switch { prev: Some(prev) } = &admit {
-            let prev = self.model(prev)?;
-            crate::asyncs::blocking(move || prev.offload()).await??;
-            self.inner.turn.cleared();
+        let deadline = Deadline::after(self.inner.pools.inner.wait_timeout);
+        let (mut permit, admit) = self.inner.turn.enter_async(id, deadline).await?;
+        if let Admit::Switch { prev } = &admit {
+            if let Some(prev) = prev {
+                let prev = self.model(prev)?;
+                crate::asyncs::blocking(move || offload_within(&*prev, deadline)).await??;
+            }
+            // From here on `id` may be on the device, even if this future is
+            // dropped while it loads: the next switch offloads it.
+            self.inner.turn.occupy(id);
         }
         let guard = crate::auto_manage_async(&m).await?;
-        if matches!(admit, Admit::Switch { .. }) {
-            permit.switched(id);
-        }
+        permit.switched();
         Ok(ExclusiveGuard { guard, _permit: permit, id: id.to_string() })
     }
 
@@ -248,6 +249,17 @@ impl fmt::Debug for SharedModelManager {
             .field("location", &self.inner.location)
             .field("models", &self.ids())
             .finish_non_exhaustive()
+    }
+}
+
+/// Offloads the previous occupant, waiting (until `deadline`) for a use that
+/// is still being given back (a cancelled fetch's load finishing).
+fn offload_within(m: &dyn Model, deadline: Deadline) -> Result<()> {
+    loop {
+        match m.offload() {
+            Err(Error::InUse { .. }) if !deadline.passed() => std::thread::sleep(Duration::from_millis(1)),
+            r => return r,
+        }
     }
 }
 
@@ -306,8 +318,8 @@ struct Turnstile {
 struct TurnState {
     queue: VecDeque<(u64, String)>,
     next_ticket: u64,
-    /// Admitted fetches not yet dropped.
-    holders: usize,
+    /// The threads of the admitted fetches not yet dropped, one entry each.
+    holders: Vec<ThreadId>,
     /// The model the holders use.
     current: Option<String>,
     /// The first holder is offloading the previous occupant and loading `current`.
@@ -338,15 +350,22 @@ impl Turnstile {
         t
     }
 
-    /// Admits `ticket` if it may go now.
+    /// Admits `ticket` if it may go now: at the head of the queue when the
+    /// device is free or used by the same model (and no switch is under way),
+    /// or at once when this thread already holds the model in use (a nested
+    /// fetch must not wait behind a fetch that waits for it).
     fn try_admit(&self, st: &mut TurnState, ticket: u64) -> Option<Admit> {
-        let (t, id) = st.queue.front()?;
-        if *t != ticket || (st.holders > 0 && (st.switching || st.current.as_ref() != Some(id))) {
+        let me = std::thread::current().id();
+        let pos = st.queue.iter().position(|(t, _)| *t == ticket)?;
+        let id = &st.queue[pos].1;
+        let same = !st.switching && st.current.as_ref() == Some(id);
+        let nested = same && st.holders.contains(&me);
+        if !nested && (pos != 0 || (!st.holders.is_empty() && !same)) {
             return None;
         }
-        let (_, id) = st.queue.pop_front().expect("front exists");
-        st.holders += 1;
-        let admit = if st.holders == 1 && st.resident.as_ref() != Some(&id) {
+        let (_, id) = st.queue.remove(pos).expect("queued");
+        st.holders.push(me);
+        let admit = if st.holders.len() == 1 && st.resident.as_ref() != Some(&id) {
             st.switching = true;
             Admit::Switch { prev: st.resident.clone() }
         } else {
@@ -357,26 +376,52 @@ impl Turnstile {
     }
 
     fn permit(self: &Arc<Self>, admit: &Admit) -> Permit {
-        Permit { turn: self.clone(), switching: matches!(admit, Admit::Switch { .. }) }
+        Permit {
+            turn: self.clone(),
+            switching: matches!(admit, Admit::Switch { .. }),
+            thread: std::thread::current().id(),
+        }
     }
 
-    fn enter_blocking(self: &Arc<Self>, id: &str) -> (Permit, Admit) {
+    /// The error of a fetch that waited for its turn until `deadline`.
+    fn gave_up(&self, id: &str, st: &TurnState) -> Error {
+        Error::InUse {
+            model: st.current.clone().unwrap_or_else(|| id.to_string()),
+            guards: st.holders.len() as u64,
+        }
+    }
+
+    fn enter_blocking(self: &Arc<Self>, id: &str, deadline: Deadline) -> Result<(Permit, Admit)> {
         let mut st = self.state.lock();
         let ticket = self.take_ticket(&mut st, id);
         loop {
             if let Some(admit) = self.try_admit(&mut st, ticket) {
                 drop(st);
                 self.wake(); // the next in line may join
-                return (self.permit(&admit), admit);
+                return Ok((self.permit(&admit), admit));
             }
-            self.cond.wait(&mut st);
+            let timed_out = match deadline.instant() {
+                Some(at) => self.cond.wait_until(&mut st, at).timed_out(),
+                None => {
+                    self.cond.wait(&mut st);
+                    false
+                }
+            };
+            if timed_out && self.try_admit(&mut st, ticket).is_none() {
+                st.queue.retain(|(t, _)| *t != ticket);
+                let err = self.gave_up(id, &st);
+                drop(st);
+                self.wake(); // the head may have changed
+                return Err(err);
+            }
         }
     }
 
     #[cfg(feature = "tokio")]
-    async fn enter_async(self: &Arc<Self>, id: &str) -> (Permit, Admit) {
+    async fn enter_async(self: &Arc<Self>, id: &str, deadline: Deadline) -> Result<(Permit, Admit)> {
         let ticket = self.take_ticket(&mut self.state.lock(), id);
         let mut queued = Queued { turn: self, ticket, admitted: false };
+        let until = deadline.instant().map(tokio::time::Instant::from_std);
         loop {
             let notified = self.notify.notified();
             let mut notified = std::pin::pin!(notified);
@@ -388,15 +433,24 @@ impl Turnstile {
             if let Some(admit) = admitted {
                 queued.admitted = true;
                 self.wake();
-                return (self.permit(&admit), admit);
+                return Ok((self.permit(&admit), admit));
             }
-            notified.await;
+            match until {
+                Some(at) => {
+                    if tokio::time::timeout_at(at, notified).await.is_err() {
+                        let st = self.state.lock();
+                        return Err(self.gave_up(id, &st)); // `queued` leaves the queue
+                    }
+                }
+                None => notified.await,
+            }
         }
     }
 
-    /// The previous occupant left the device.
-    fn cleared(&self) {
-        self.state.lock().resident = None;
+    /// `id` may be on the device from now on (its load is starting): the
+    /// previous occupant has left it.
+    fn occupy(&self, id: &str) {
+        self.state.lock().resident = Some(id.to_string());
     }
 }
 
@@ -423,16 +477,17 @@ struct Permit {
     turn: Arc<Turnstile>,
     /// This holder is switching the device to its model (and has not finished).
     switching: bool,
+    /// The thread it was admitted on.
+    thread: ThreadId,
 }
 
 impl Permit {
-    /// The switch is done: `id` is on the device.
-    fn switched(&mut self, id: &str) {
-        let mut st = self.turn.state.lock();
-        st.resident = Some(id.to_string());
-        st.switching = false;
-        self.switching = false;
-        drop(st);
+    /// The model is loaded and guarded: others wanting it may join.
+    fn switched(&mut self) {
+        if !std::mem::take(&mut self.switching) {
+            return;
+        }
+        self.turn.state.lock().switching = false;
         self.turn.wake();
     }
 }
@@ -440,7 +495,9 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         let mut st = self.turn.state.lock();
-        st.holders -= 1;
+        if let Some(i) = st.holders.iter().position(|t| *t == self.thread) {
+            st.holders.swap_remove(i);
+        }
         if self.switching {
             st.switching = false; // the switch failed or was cancelled
         }
