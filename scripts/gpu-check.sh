@@ -33,7 +33,7 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-# shellcheck source-path=SCRIPTDIR/..
+# shellcheck source-path=SCRIPTDIR/.. disable=SC1091 # followed with shellcheck -x
 source scripts/env.sh
 
 die() {
