@@ -213,7 +213,7 @@ if have downstream; then
     {
         echo "===== downstream: dynamic section and libraries ====="
         if command -v readelf >/dev/null; then readelf -d "$bin/downstream" | grep -E 'NEEDED|RPATH|RUNPATH'; fi
-        ldd "$bin/downstream" 2>&1 | grep -E 'torch|c10|not found'
+        ldd "$bin/downstream" 2>&1 | grep -E '^[[:space:]]*lib(torch|c10)|not found'
         echo
     } >>"$env_log"
 fi
