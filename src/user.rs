@@ -34,9 +34,12 @@ pub trait ResourceUser: Send + 'static {
     /// Every weight tensor of the model, named, as handles sharing the model's tensors.
     fn tensors(&self) -> Vec<(String, Tensor)>;
 
-    /// Hook called after `sire` moved the weights to `device` (the execution
-    /// device while a guard is alive, or where the home copy lives). The default
-    /// does nothing; override it if your type caches the device.
+    /// Hook told where the weights are after `sire` moved them: called before
+    /// a guard hands the model out (on the thread taking the guard), whenever
+    /// the weights moved since the previous call, with the execution device.
+    /// While no guard is alive the weights may move at any time without a call
+    /// (they are only usable inside a guard). The default does nothing;
+    /// override it if your type caches the device.
     fn on_moved(&self, _device: Device) {}
 }
 

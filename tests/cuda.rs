@@ -228,3 +228,30 @@ fn a_batch_and_a_prefetch_load_to_the_gpu() {
     let gb = sire::auto_manage(&b).unwrap();
     assert_eq!(snapshot_on_cpu(&gb), wb);
 }
+
+/// Defect 8: a prefetch that evicts a model written on the GPU copies it back
+/// only after the kernels the caller queued on its own stream (here: a long
+/// chain of matmuls, then a fill) have run, so the home gets the final values.
+#[test]
+fn a_prefetch_copies_back_a_written_victim_after_the_callers_kernels() {
+    let p = gpu_pools(40 * MIB);
+    let a = p.manage_with(model(1, 16 * MIB), ManageOptions::new().name("a")).unwrap();
+    let b = p.manage_with(model(2, 32 * MIB), ManageOptions::new().name("b")).unwrap();
+    {
+        let g = sire::auto_manage(&a).unwrap();
+        let w = g.get("a").unwrap();
+        // Queue work on this thread's stream without waiting for it.
+        let x = Tensor::randn([2048, 2048], (Kind::Float, Device::Cuda(0)));
+        let mut y = x.shallow_clone();
+        for _ in 0..50 {
+            y = y.mm(&x).tanh();
+        }
+        let _ = w.shallow_clone().fill_(7.0).f_add_(&(y.sum(Kind::Float) * 0.0)).unwrap();
+    } // a is idle, dirty, its fill still queued
+    let gb = sire::prefetch(&b).wait().unwrap(); // evicts a from the prefetch thread
+    assert_eq!(a.location(), Location::Cpu);
+    let home = a.get_unguarded().get("a").unwrap();
+    assert_eq!(home.device(), Device::Cpu);
+    assert_eq!(home.min().double_value(&[]), 7.0, "the copy-back ran before the caller's fill");
+    drop(gb);
+}

@@ -540,3 +540,43 @@ mod physical {
         e.check_invariants();
     }
 }
+
+/// GPU-only unit tests (the `cuda-tests` feature): they fail, never skip, without a GPU.
+#[cfg(feature = "cuda-tests")]
+mod cuda {
+    use super::*;
+
+    /// Defect 10: a failed synchronisation after a load's copies leaves the
+    /// weights on their host copies (the device copies are dropped unseen), so
+    /// the next load takes the home again, not device tensors as homes.
+    #[test]
+    fn a_failed_sync_leaves_the_weights_on_their_homes() {
+        assert!(tch::Cuda::is_available(), "cuda-tests asked for, but libtorch sees no CUDA device");
+        let p = ResourcePoolManagement::builder()
+            .env(false)
+            .cuda_budget(1 << 30)
+            .cpu_budget(1 << 30)
+            .build()
+            .unwrap();
+        let m = p.manage(set(2.0)).unwrap();
+        assert_eq!(m.runtime(), Location::Cuda(0));
+        p.inner.fail_next(FailAt::Sync);
+        let err = crate::auto_manage(&m).unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
+        assert_eq!(
+            m.get_unguarded().get("w").unwrap().device(),
+            Device::Cpu,
+            "weights left on device copies"
+        );
+        assert_eq!(m.location(), Location::Cpu);
+        p.inner.check_invariants();
+        {
+            let g = crate::auto_manage(&m).unwrap();
+            assert_eq!(g.get("w").unwrap().device(), Device::Cuda(0));
+            assert_eq!(sum(&g), 2048.0);
+        }
+        m.offload().unwrap();
+        assert_eq!(m.get_unguarded().get("w").unwrap().device(), Device::Cpu, "the home is a host tensor");
+        p.inner.check_invariants();
+    }
+}
