@@ -1,0 +1,138 @@
+//! The engine's lock, held ([`Locked`]): tokens dropped while their thread
+//! holds it leave their undo to it, and it applies them before letting go;
+//! then it wakes waiters, runs eager offloads released meanwhile, and
+//! delivers events.
+
+use super::*;
+
+/// A reservation's undo, applied by whoever holds the lock next.
+pub(crate) struct Undo {
+    pub(super) core: Arc<ModelCore>,
+    pub(super) res: Residency,
+    pub(super) restore_ready: bool,
+}
+
+/// Work left by tokens dropped while their thread held the lock.
+#[derive(Default)]
+pub(super) struct Deferred {
+    pub(super) undo: Vec<Undo>,
+    /// Models whose last use was released under the lock (eager offload, wake-ups).
+    pub(super) idle: Vec<u64>,
+}
+
+thread_local! {
+    /// The engine whose lock this thread holds (its address), or 0.
+    pub(super) static HELD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The engine's lock, held. Tokens dropped meanwhile leave their undo to it:
+/// it applies them before releasing the lock, then wakes waiters if the
+/// ledger changed, offloads eager models released meanwhile, and delivers
+/// events.
+pub(crate) struct Locked<'a> {
+    pub(super) engine: &'a Engine,
+    pub(super) st: Option<MutexGuard<'a, Ledger>>,
+    pub(super) changed: bool,
+}
+
+impl<'a> Locked<'a> {
+    pub(crate) fn engine(&self) -> &'a Engine {
+        self.engine
+    }
+
+    /// Applies what tokens left while this thread held the lock.
+    pub(super) fn drain(&mut self) {
+        let undo = {
+            let mut d = self.engine.deferred.lock();
+            if !d.idle.is_empty() {
+                self.changed = true; // a release: waiters look again
+            }
+            std::mem::take(&mut d.undo)
+        };
+        if !undo.is_empty() {
+            self.changed = true;
+        }
+        for u in undo {
+            self.apply(u);
+        }
+    }
+
+    pub(super) fn apply(&mut self, u: Undo) {
+        let id = u.core.id;
+        if self.get(id).is_none() {
+            return;
+        }
+        self.transition(id, u.res);
+        self.set_moving(id, false);
+        if u.restore_ready && u.res.on_runtime(&u.core) {
+            u.core.state.fetch_or(READY, SeqCst);
+        }
+    }
+
+    /// Runs `f` without the lock.
+    pub(crate) fn unlocked<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        self.flush();
+        HELD.set(0);
+        let r = MutexGuard::unlocked(self.st.as_mut().expect("held"), f);
+        HELD.set(self.engine as *const Engine as usize);
+        r
+    }
+
+    /// Applies deferred work and wakes waiters for changes made so far.
+    pub(super) fn flush(&mut self) {
+        self.drain();
+        if std::mem::take(&mut self.changed) {
+            self.engine.signal.notify();
+        }
+    }
+
+    /// Waits for a change (a release, a finished move) as `wait` allows.
+    pub(crate) fn wait(&mut self, wait: Wait) -> std::result::Result<(), Gave> {
+        self.flush();
+        HELD.set(0);
+        let r = self.engine.signal.wait(self.st.as_mut().expect("held"), wait);
+        HELD.set(self.engine as *const Engine as usize);
+        r
+    }
+
+    /// Waits for a change with no deadline (for moves, which always end).
+    pub(super) fn wait_forever(&mut self) {
+        self.flush();
+        HELD.set(0);
+        self.engine.signal.wait_forever(self.st.as_mut().expect("held"));
+        HELD.set(self.engine as *const Engine as usize);
+    }
+}
+
+impl Deref for Locked<'_> {
+    type Target = Ledger;
+    fn deref(&self) -> &Ledger {
+        self.st.as_ref().expect("held")
+    }
+}
+
+impl DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Ledger {
+        self.changed = true;
+        self.st.as_mut().expect("held")
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        self.drain();
+        let idle: Vec<Arc<ModelCore>> = std::mem::take(&mut self.engine.deferred.lock().idle)
+            .into_iter()
+            .filter_map(|id| self.get(id).map(|e| e.core.clone()))
+            .collect();
+        drop(self.st.take());
+        HELD.set(0);
+        if self.changed {
+            self.engine.signal.notify();
+        }
+        for core in idle {
+            self.engine.on_idle(&core);
+        }
+        self.engine.deliver();
+    }
+}
