@@ -93,6 +93,7 @@ impl Engine {
         cores: &'a [Arc<ModelCore>],
         wait: Wait,
     ) -> Result<Vec<Use<'a>>> {
+        let wait = wait.start();
         // Counted before looking for room: see `signal`.
         let _counted = self.signal.count();
         let mut lk = self.lock();

@@ -207,12 +207,12 @@ impl ModelCore {
     /// Locks the weights for a commit rebase, waiting at most as `wait` allows
     /// (`None`: the time ran out; `Wait::No` never waits). The caller holds a use.
     pub(crate) fn groups_within(&self, wait: super::Wait) -> Option<MappedMutexGuard<'_, Vec<Group>>> {
-        let d = match wait {
-            super::Wait::Until(d) => match d.instant() {
+        let d = match wait.deadline() {
+            Some(d) => match d.instant() {
                 Some(at) => self.data.try_lock_until(at)?,
                 None => self.data.lock(),
             },
-            _ => self.data.try_lock()?,
+            None => self.data.try_lock()?,
         };
         Some(MutexGuard::map(d, |d| &mut d.groups))
     }

@@ -10,6 +10,7 @@ impl Engine {
     /// holds a use of the model, so it is resident and stays. Never called with
     /// the model's data lock held.
     pub(crate) fn set_patch_bytes(&self, core: &ModelCore, bytes: u64, wait: Wait) -> Result<()> {
+        let wait = wait.start();
         let _counted = self.signal.count();
         let mut lk = self.lock();
         let loc = core.runtime();

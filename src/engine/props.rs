@@ -334,7 +334,7 @@ impl Fixture {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(256))]
 
     /// Random sequences of up to 30 ledger and engine operations keep the
     /// ledger consistent after every step.
@@ -347,4 +347,31 @@ proptest! {
             f.check()?;
         }
     }
+}
+
+/// Known defect (ignored until fixed): a panic inside `Locked::unlocked` while
+/// a reservation is alive (e.g. from `Transfer::finish` in `move_in`, which no
+/// `unwind_safe` covers) hangs the thread. The mutex is re-taken while
+/// unwinding but `HELD` is left at 0, so the reservation's drop undoes "at
+/// once" and locks the mutex its own thread holds. Runs the scenario on a
+/// helper thread and fails after 5 s instead of hanging.
+#[test]
+#[ignore = "known defect: `Locked::unlocked` does not restore HELD when its closure panics"]
+fn a_panic_while_unlocked_with_a_live_reservation_is_undone() {
+    let f = Arc::new(Fixture::new());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let f2 = f.clone();
+    std::thread::spawn(move || {
+        let (e, core) = (&f2.engine, f2.cores[2].clone());
+        let caught = catch_unwind(AssertUnwindSafe(|| {
+            let mut lk = e.lock();
+            let to = Residency { disk: Some(core.bytes), ..lk.res(core.id) };
+            let _r = Reservation::take(&mut lk, core.clone(), to, false);
+            lk.unlocked(|| resume_unwind(Box::new("injected panic while moving")));
+        }));
+        tx.send(caught.is_err()).unwrap();
+    });
+    let caught = rx.recv_timeout(Duration::from_secs(5)).expect("the unwinding thread deadlocked");
+    assert!(caught);
+    f.check().unwrap();
 }

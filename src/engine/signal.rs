@@ -45,6 +45,9 @@ impl Deadline {
 pub(crate) enum Wait<'a> {
     /// Never wait.
     No,
+    /// Wait at most this long from the start of the slow path (no clock is
+    /// read on the hit path); [`Wait::start`] fixes the deadline.
+    For(Duration),
     /// Wait for changes until the deadline.
     Until(Deadline),
     /// Never wait; set the flag when the call fails because it would have to
@@ -55,7 +58,24 @@ pub(crate) enum Wait<'a> {
 
 impl Wait<'_> {
     pub(crate) fn timeout(timeout: Duration) -> Wait<'static> {
-        Wait::Until(Deadline::after(timeout))
+        Wait::For(timeout)
+    }
+
+    /// Fixes the deadline of a `For` wait from now; other waits are unchanged.
+    /// Called where a slow path starts.
+    pub(crate) fn start(self) -> Self {
+        match self {
+            Wait::For(d) => Wait::Until(Deadline::after(d)),
+            w => w,
+        }
+    }
+
+    /// The deadline, if this wait has one (a `For` is fixed from now).
+    pub(crate) fn deadline(self) -> Option<Deadline> {
+        match self.start() {
+            Wait::Until(d) => Some(d),
+            _ => None,
+        }
     }
 }
 
@@ -111,7 +131,8 @@ impl Signal {
     /// Waits under `guard` for a notification, or gives up as `wait` says.
     /// `Ok(())`: something changed (or the wait was spurious): look again.
     pub(crate) fn wait<T>(&self, guard: &mut MutexGuard<'_, T>, wait: Wait) -> Result<(), Gave> {
-        match wait {
+        match wait.start() {
+            Wait::For(_) => unreachable!("started"),
             Wait::No => Err(Gave::Up),
             Wait::Poll(would_wait) => {
                 would_wait.set(true);

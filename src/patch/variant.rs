@@ -72,6 +72,7 @@ impl ModelCommits {
     /// guard); it takes a free model when nobody wanting another stack is ahead
     /// of it. Otherwise it queues until its deadline.
     fn admit(&self, model: &str, desired: &Snapshot, wait: Wait) -> Result<Admission<'_>> {
+        let wait = wait.start();
         let me = std::thread::current().id();
         let mut s = self.lock.lock();
         let mut ticket = None;
@@ -89,8 +90,8 @@ impl ModelCommits {
             if ok {
                 break Ok(());
             }
-            let waited = match wait {
-                Wait::Until(d) if !d.passed() => {
+            let waited = match wait.deadline() {
+                Some(d) if !d.passed() => {
                     if ticket.is_none() {
                         let t = s.next_ticket;
                         s.next_ticket += 1;
@@ -105,8 +106,8 @@ impl ModelCommits {
                     }
                     continue;
                 }
-                Wait::Until(d) => Some(d.total()),
-                _ => None,
+                Some(d) => Some(d.total()),
+                None => None,
             };
             break Err(waited);
         };
@@ -202,6 +203,7 @@ pub(crate) fn acquire<'a>(
     stack: &Stack,
     wait: Wait,
 ) -> Result<CommitHold<'a>> {
+    let wait = wait.start();
     let desired = stack.snapshot();
     let admission = mc.admit(&core.name, &desired, wait)?;
     let used = engine.acquire(core, wait)?;
@@ -217,6 +219,7 @@ pub(crate) fn acquire<'a>(
 /// the model's data lock: the patch bytes are reserved first, then the data is
 /// locked and the rebase runs.
 fn sync(engine: &Engine, core: &ModelCore, mc: &ModelCommits, desired: &Snapshot, wait: Wait) -> Result<()> {
+    let wait = wait.start();
     let mut pause = Duration::from_micros(50);
     let busy = || Error::InUse { model: core.name.clone(), guards: core.uses().saturating_sub(1) };
     loop {
@@ -252,8 +255,8 @@ fn sync(engine: &Engine, core: &ModelCore, mc: &ModelCommits, desired: &Snapshot
         };
         match step {
             Step::Room(need) => engine.set_patch_bytes(core, need, wait)?,
-            Step::PlainGuards => match wait {
-                Wait::Until(d) if !d.passed() => {
+            Step::PlainGuards => match wait.deadline() {
+                Some(d) if !d.passed() => {
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(5));
                 }
