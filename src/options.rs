@@ -35,14 +35,17 @@ pub struct ManageOptions {
 }
 
 impl ManageOptions {
-    /// Defaults: a generated name, automatic runtime location (a CUDA device if
+    /// Defaults: a generated name (the type's, made unique), automatic runtime location (a CUDA device if
     /// there is one, else the CPU), offload to host memory when running on a GPU
     /// and to disk when running on the CPU, lazy offload, nothing reserved.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// A name for logs, statistics and errors.
+    /// A name for logs, statistics, events and errors, unique within the
+    /// instance (registering a second model under a taken name is
+    /// [`Error::InvalidOptions`](crate::Error::InvalidOptions)). Without it the
+    /// model is named after its type: `TensorSet`, then `TensorSet#2`…
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self

@@ -1,4 +1,4 @@
-//! A loom model of the protocol in `src/manager.rs`:
+//! A loom model of the protocol in `src/engine/` (module docs of `engine/mod.rs`):
 //! - a guard on a ready model is a CAS on `state` (READY bit | use count), no lock;
 //! - an evictor, under the lock, swaps `state` from exactly READY to 0;
 //! - a thread that waits for room counts itself in `waiters` *before* it looks,

@@ -72,10 +72,8 @@ impl<'a> Locked<'a> {
     /// Runs `f` without the lock.
     pub(crate) fn unlocked<R>(&mut self, f: impl FnOnce() -> R) -> R {
         self.flush();
-        HELD.set(0);
-        let r = MutexGuard::unlocked(self.st.as_mut().expect("held"), f);
-        HELD.set(self.engine as *const Engine as usize);
-        r
+        let _relocked = Released::new(self.engine);
+        MutexGuard::unlocked(self.st.as_mut().expect("held"), f)
     }
 
     /// Applies deferred work and wakes waiters for changes made so far.
@@ -89,18 +87,34 @@ impl<'a> Locked<'a> {
     /// Waits for a change (a release, a finished move) as `wait` allows.
     pub(crate) fn wait(&mut self, wait: Wait) -> std::result::Result<(), Gave> {
         self.flush();
-        HELD.set(0);
-        let r = self.engine.signal.wait(self.st.as_mut().expect("held"), wait);
-        HELD.set(self.engine as *const Engine as usize);
-        r
+        let _relocked = Released::new(self.engine);
+        self.engine.signal.wait(self.st.as_mut().expect("held"), wait)
     }
 
     /// Waits for a change with no deadline (for moves, which always end).
     pub(super) fn wait_forever(&mut self) {
         self.flush();
-        HELD.set(0);
+        let _relocked = Released::new(self.engine);
         self.engine.signal.wait_forever(self.st.as_mut().expect("held"));
-        HELD.set(self.engine as *const Engine as usize);
+    }
+}
+
+/// Marks the lock as not held by this thread while a `Locked` lets go of it
+/// (to move bytes, or to wait), and as held again when it has it back, also
+/// when unwinding from a panic in between (parking_lot relocks on unwind): a
+/// token dropped then must defer its undo, not take the lock again.
+struct Released(usize);
+
+impl Released {
+    fn new(engine: &Engine) -> Released {
+        HELD.set(0);
+        Released(engine as *const Engine as usize)
+    }
+}
+
+impl Drop for Released {
+    fn drop(&mut self) {
+        HELD.set(self.0);
     }
 }
 

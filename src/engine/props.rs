@@ -349,14 +349,13 @@ proptest! {
     }
 }
 
-/// Known defect (ignored until fixed): a panic inside `Locked::unlocked` while
-/// a reservation is alive (e.g. from `Transfer::finish` in `move_in`, which no
-/// `unwind_safe` covers) hangs the thread. The mutex is re-taken while
-/// unwinding but `HELD` is left at 0, so the reservation's drop undoes "at
-/// once" and locks the mutex its own thread holds. Runs the scenario on a
-/// helper thread and fails after 5 s instead of hanging.
+/// Regression: a panic inside `Locked::unlocked` while a reservation is alive
+/// (e.g. from `Transfer::finish` in `move_in`, which no `unwind_safe` covers)
+/// used to hang the thread: the mutex is re-taken while unwinding, and `HELD`
+/// was left at 0, so the reservation's drop undid "at once" and locked the
+/// mutex its own thread holds. Runs the scenario on a helper thread and fails
+/// after 5 s instead of hanging.
 #[test]
-#[ignore = "known defect: `Locked::unlocked` does not restore HELD when its closure panics"]
 fn a_panic_while_unlocked_with_a_live_reservation_is_undone() {
     let f = Arc::new(Fixture::new());
     let (tx, rx) = std::sync::mpsc::channel();
