@@ -1,5 +1,5 @@
 //! A loom model of the hand-over from the plain guard path to the commit path
-//! (`src/commit.rs` module docs, `Managed::acquire`):
+//! (`src/patch/commit.rs` module docs, `Managed::acquire`):
 //! - a plain guard checks `active` (relaxed), increments the use count, then
 //!   checks `active` again (`SeqCst`) and backs off if it is now set;
 //! - `commit` stores `active` (`SeqCst`); the rebase that follows, holding a use
