@@ -1,4 +1,5 @@
-// sire's C++ shim: the few libtorch CUDA calls that `tch` does not expose.
+// sire's C++ shim: the few libtorch calls that `tch` does not expose (CUDA
+// memory, streams and events; the buffers of a TorchScript module).
 //
 // Every function is `extern "C"`, catches every C++ exception and turns it into
 // a status code plus a malloc'ed message (freed with sire_shim_free): nothing
@@ -24,6 +25,7 @@
 #include <c10/core/CachingDeviceAllocator.h>
 #include <c10/core/Event.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/csrc/jit/api/module.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -332,4 +334,20 @@ int sire_cuda_record_stream(const void* tensor, int64_t stream, int device,
   });
 }
 
+// Calls `f(ctx, name, tensor)` for every buffer of the TorchScript module
+// `module` (a `torch::jit::Module*`, as torch-sys's `atm_load` returns) and of
+// its submodules, recursively, with dotted names. `tensor` is a new
+// `at::Tensor*` sharing the buffer's TensorImpl (so `set_data` on it changes
+// the module's buffer); the callee owns it.
+int sire_module_named_buffers(void* module,
+                              void (*f)(void*, const char*, void*), void* ctx,
+                              char** err) {
+  return guarded(err, [&] {
+    const auto* m = static_cast<const torch::jit::Module*>(module);
+    for (const auto& b : m->named_buffers(/*recurse=*/true)) {
+      f(ctx, b.name.c_str(), new at::Tensor(b.value));
+    }
+    return SIRE_OK;
+  });
+}
 }  // extern "C"

@@ -51,12 +51,19 @@ impl ResourceUser for nn::VarStore {
     }
 }
 
-/// TorchScript modules. `tch` exposes only the parameters of a `CModule`, so its
-/// buffers (batch-norm statistics, for example) are neither counted nor moved:
-/// prefer modules whose state is all in parameters, or a [`TensorSet`].
+/// TorchScript modules: their parameters and their buffers (batch-norm
+/// running statistics, registered buffers of every submodule), read through
+/// sire's C++ shim since `tch` exposes only parameters. Both are counted,
+/// moved and spilled, keeping identity: the module computes with them wherever
+/// they are.
 impl ResourceUser for CModule {
     fn tensors(&self) -> Vec<(String, Tensor)> {
-        self.named_parameters().unwrap_or_default()
+        let mut all = self.named_parameters().unwrap_or_default();
+        match crate::tier::ffi::module_buffers(self) {
+            Ok(buffers) => all.extend(buffers),
+            Err(e) => tracing::warn!(error = %e, "could not list the TorchScript module's buffers"),
+        }
+        all
     }
 }
 

@@ -109,6 +109,12 @@ pub(crate) mod shim {
         #[cfg(test)]
         pub(crate) fn sire_shim_link_anchor() -> *const c_void;
         pub(crate) fn sire_cuda_device_count() -> c_int;
+        pub(crate) fn sire_module_named_buffers(
+            module: *mut c_void,
+            f: extern "C" fn(*mut c_void, *const c_char, *mut C_tensor),
+            ctx: *mut c_void,
+            err: *mut *mut c_char,
+        ) -> c_int;
         pub(crate) fn sire_empty(
             dims: *const i64,
             ndims: usize,
@@ -216,6 +222,41 @@ pub(crate) mod shim {
             }
         }
     }
+}
+
+/// The buffers of a TorchScript module and of its submodules (recursively,
+/// dotted names, as `named_buffers()` gives them in Python), as handles that
+/// share the module's tensors: `set_data` on one changes the module's buffer.
+/// `tch` exposes only a module's parameters.
+pub(crate) fn module_buffers(m: &tch::CModule) -> crate::Result<Vec<(String, tch::Tensor)>> {
+    use std::ffi::{c_char, c_void, CStr};
+    // tch's `CModule` is a struct whose one field is the `torch::jit::Module*`
+    // that torch-sys's `atm_load` returned (private to tch). A size change of
+    // the struct (a field added) stops the build here.
+    const _: () = assert!(std::mem::size_of::<tch::CModule>() == std::mem::size_of::<*mut c_void>());
+    // SAFETY: by the assertion above `CModule` is exactly one pointer-sized
+    // field, the module pointer, valid while `m` lives; it is only read.
+    let module: *mut c_void = unsafe { *(m as *const tch::CModule as *const *mut c_void) };
+
+    extern "C" fn push(ctx: *mut c_void, name: *const c_char, t: *mut torch_sys::C_tensor) {
+        // SAFETY: `ctx` is the `Vec` passed below, alive and not aliased during
+        // the call; `name` is a NUL-terminated string valid for this call; `t`
+        // is a new `at::Tensor*` that the shim hands over to us.
+        unsafe {
+            let out = &mut *(ctx as *mut Vec<(String, tch::Tensor)>);
+            let name = CStr::from_ptr(name).to_string_lossy().into_owned();
+            out.push((name, tch::Tensor::from_ptr(t)));
+        }
+    }
+
+    let mut out: Vec<(String, tch::Tensor)> = Vec::new();
+    let mut err: *mut c_char = std::ptr::null_mut();
+    // SAFETY: `module` is a live `torch::jit::Module*`; `push` matches the
+    // callback's C signature and `ctx` points to `out`, which outlives the call.
+    let st =
+        unsafe { shim::sire_module_named_buffers(module, push, &mut out as *mut _ as *mut c_void, &mut err) };
+    shim::shim_status("named_buffers", st, err)?;
+    Ok(out)
 }
 
 #[cfg(test)]
