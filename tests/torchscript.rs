@@ -96,7 +96,7 @@ fn a_spilled_modules_buffers_are_on_disk() {
     // PyTorch's output still holds.
     let rows = m.tensors().into_iter().find(|(n, _)| n == "bank.rows").unwrap().1;
     let big = Tensor::randn([32 << 20 >> 5, 8], (Kind::Float, Device::Cpu));
-    let _ = big.narrow(0, 0, rows.size()[0]).copy_(&rows);
+    big.narrow(0, 0, rows.size()[0]).copy_(&rows);
     let mut handle = rows.shallow_clone();
     handle.set_data(&big);
     drop(big);
