@@ -22,6 +22,11 @@ use crate::{auto_manage, Error, Managed, Result};
 /// Inputs on another device are moved, not rejected. The output stays on the
 /// execution device unless [`Hooked::output_device`] asks for another.
 ///
+/// Forwards run in inference mode by default: without autograd (as inside
+/// `tch::no_grad`, on the thread that runs the model, also for the async forms
+/// that run on tokio's blocking pool), so outputs do not require gradients
+/// and no graph is kept. [`Hooked::with_grad`] turns autograd back on.
+///
 /// `T` must be `Sync` for the `Module` implementation (tch's `Module` requires
 /// `Send`, and a [`Managed`] handle shares its model between threads). tch's
 /// layers hold [`Tensor`]s, which are `Send` but not `Sync`, so keep them
@@ -60,7 +65,7 @@ use crate::{auto_manage, Error, Managed, Result};
 /// # Ok(()) }
 /// ```
 pub fn hook<T>(m: Managed<T>) -> Hooked<T> {
-    Hooked { m, output: None }
+    Hooked { m, output: None, grad: false }
 }
 
 /// Like [`hook`], for models implementing [`tch::nn::ModuleT`] only (their
@@ -73,17 +78,23 @@ pub fn hook_t<T>(m: Managed<T>) -> HookedT<T> {
 pub struct Hooked<T> {
     m: Managed<T>,
     output: Option<Device>,
+    /// Run forwards with autograd on (default off: inference mode).
+    grad: bool,
 }
 
 impl<T> Clone for Hooked<T> {
     fn clone(&self) -> Self {
-        Hooked { m: self.m.clone(), output: self.output }
+        Hooked { m: self.m.clone(), output: self.output, grad: self.grad }
     }
 }
 
 impl<T> fmt::Debug for Hooked<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Hooked").field("model", &self.m).field("output_device", &self.output).finish()
+        f.debug_struct("Hooked")
+            .field("model", &self.m)
+            .field("output_device", &self.output)
+            .field("grad", &self.grad)
+            .finish()
     }
 }
 
@@ -93,6 +104,15 @@ impl<T> Hooked<T> {
     #[must_use]
     pub fn output_device(mut self, device: Device) -> Self {
         self.output = Some(device);
+        self
+    }
+
+    /// Runs forwards with autograd on (`true`), so that outputs can be
+    /// back-propagated through the model, or off (`false`, the default:
+    /// inference mode, no graph kept).
+    #[must_use]
+    pub fn with_grad(mut self, on: bool) -> Self {
+        self.grad = on;
         self
     }
 
@@ -116,6 +136,7 @@ impl<T> Hooked<T> {
     ) -> Result<R> {
         let y = {
             let g = auto_manage(&self.m)?;
+            let _no_grad = no_grad_unless(self.grad);
             f(&g, g.device())?
         };
         match self.output {
@@ -145,6 +166,11 @@ impl<T> Hooked<T> {
 
 fn to_device(t: Tensor, d: Device) -> Result<Tensor> {
     Ok(t.f_to_device(d)?)
+}
+
+/// Autograd off on this thread until the value drops (also by a panic), unless `grad`.
+fn no_grad_unless(grad: bool) -> Option<tch::NoGradGuard> {
+    (!grad).then(tch::no_grad_guard)
 }
 
 /// A self-managing forward.
@@ -293,6 +319,12 @@ impl<T> HookedT<T> {
         HookedT(self.0.output_device(device))
     }
 
+    /// Runs forwards with autograd on or off (see [`Hooked::with_grad`]).
+    #[must_use]
+    pub fn with_grad(self, on: bool) -> Self {
+        HookedT(self.0.with_grad(on))
+    }
+
     /// The managed model behind the hook.
     pub fn managed(&self) -> &Managed<T> {
         self.0.managed()
@@ -332,11 +364,28 @@ impl<T: Module + Sync + 'static> Hooked<T> {
         xs: &Tensor,
     ) -> impl std::future::Future<Output = Result<Tensor>> + Send + '_ {
         let xs = xs.shallow_clone();
-        let output = self.output;
+        self.run_async(move |m, dev| Ok(m.forward(&xs.f_to_device(dev)?)))
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl<T: Send + Sync + 'static> Hooked<T> {
+    /// The async skeleton: a guard without blocking the executor, then `f` on
+    /// tokio's blocking pool with autograd off unless asked (autograd's mode is
+    /// per thread: the caller's `no_grad` does not reach the pool), the guard
+    /// released before the output moves.
+    fn run_async(
+        &self,
+        f: impl FnOnce(&T, Device) -> Result<Tensor> + Send + 'static,
+    ) -> impl std::future::Future<Output = Result<Tensor>> + Send + '_ {
+        let (output, grad) = (self.output, self.grad);
         async move {
             let g = crate::auto_manage_async(&self.m).await?;
             let run = move || -> Result<Tensor> {
-                let y = g.forward(&xs.f_to_device(g.device())?);
+                let y = {
+                    let _no_grad = no_grad_unless(grad);
+                    f(&g, g.device())?
+                };
                 drop(g);
                 match output {
                     Some(d) => to_device(y, d),
@@ -345,5 +394,32 @@ impl<T: Module + Sync + 'static> Hooked<T> {
             };
             crate::asyncs::blocking(run).await?
         }
+    }
+}
+
+/// Async TorchScript calls (the `tokio` feature), like [`Hooked::forward_async`].
+#[cfg(feature = "tokio")]
+impl Hooked<CModule> {
+    /// [`Hooked::forward_ts`] for async code: the inputs are taken as handles
+    /// at the call, the forward runs on tokio's blocking pool.
+    pub fn forward_ts_async<B: Borrow<Tensor>>(
+        &self,
+        ts: &[B],
+    ) -> impl std::future::Future<Output = Result<Tensor>> + Send + '_ {
+        self.method_ts_async("forward", ts)
+    }
+
+    /// [`Hooked::method_ts`] for async code (see [`Hooked::forward_ts_async`]).
+    pub fn method_ts_async<B: Borrow<Tensor>>(
+        &self,
+        method: &str,
+        ts: &[B],
+    ) -> impl std::future::Future<Output = Result<Tensor>> + Send + '_ {
+        let args: Vec<Tensor> = ts.iter().map(|t| t.borrow().shallow_clone()).collect();
+        let method = method.to_string();
+        self.run_async(move |m, dev| {
+            let args = args.iter().map(|t| t.f_to_device(dev)).collect::<Result<Vec<_>, _>>()?;
+            Ok(m.method_ts(&method, &args)?)
+        })
     }
 }

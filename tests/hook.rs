@@ -184,3 +184,51 @@ fn inputs_move_to_the_gpu_and_outputs_stay_there_unless_asked() {
         other => panic!("expected a tensor, got {other:?}"),
     }
 }
+
+/// Inference mode (issue 11): hooked forwards run without autograd by default,
+/// so outputs do not require gradients; `with_grad(true)` turns it back on.
+#[test]
+fn hooked_forwards_run_without_autograd_unless_asked() {
+    let (pools, _dir) = pools(64 * MIB);
+    let m = pools.manage(net(4)).unwrap();
+    let x = input(2);
+    assert!(m.get_unguarded().forward(&x).requires_grad(), "the plain module records a graph");
+    let h = hook(m);
+    assert!(!h.forward(&x).requires_grad(), "inference mode by default");
+    assert!(!h.try_forward(&x).unwrap().requires_grad());
+    let h = h.with_grad(true);
+    let y = h.forward(&x);
+    assert!(y.requires_grad(), "with_grad(true) records the graph");
+    y.sum(Kind::Float).backward();
+    assert!(!tch::no_grad(|| h.forward(&x)).requires_grad(), "the caller's no_grad still applies");
+}
+
+#[cfg(feature = "tokio")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_forwards_run_without_autograd_unless_asked() {
+    let (pools, _dir) = pools(64 * MIB);
+    let m = pools.manage(net(5)).unwrap();
+    let x = input(2);
+    let expected = tch::no_grad(|| m.get_unguarded().forward(&x));
+    let h = hook(m);
+    let y = h.forward_async(&x).await.unwrap();
+    assert!(!y.requires_grad(), "the blocking pool does not see the caller's no_grad: sire turns it off");
+    assert_eq!(bits(&y), bits(&expected));
+    let y = h.clone().with_grad(true).forward_async(&x).await.unwrap();
+    assert!(y.requires_grad());
+}
+
+#[cfg(feature = "tokio")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_torchscript_calls_give_the_sync_outputs() {
+    let (pools, _dir) = pools(64 * MIB);
+    let h = hook(pools.manage(tiny_ts()).unwrap());
+    let x = Tensor::randn([2, 8], (Kind::Float, Device::Cpu));
+    let y = Tensor::randn([2, 4], (Kind::Float, Device::Cpu));
+    let sync = h.forward_ts(&[&x, &y]).unwrap();
+    let a = h.forward_ts_async(&[&x, &y]).await.unwrap();
+    assert_eq!(bits(&a), bits(&sync));
+    assert!(!a.requires_grad());
+    let m = h.method_ts_async("forward", &[&x, &y]).await.unwrap();
+    assert_eq!(bits(&m), bits(&sync));
+}
