@@ -98,9 +98,10 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// A spill file failed its integrity check; the bytes on disk are not the
-    /// ones that were written.
-    #[error("spill file {path:?} is corrupt: {detail}")]
+    /// A file of the disk tier (a spill file, or a safetensors file a model
+    /// was loaded from) is malformed or failed its integrity check: the bytes
+    /// on disk are not the ones that were written.
+    #[error("{path:?} is corrupt: {detail}")]
     Corrupt {
         /// The file.
         path: PathBuf,

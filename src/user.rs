@@ -97,10 +97,14 @@ impl TensorSet {
 
     /// Loads every tensor of a safetensors file onto the CPU. While the model is
     /// clean, `sire` reloads it from this file instead of writing a spill copy.
+    ///
+    /// A malformed file (a bad header, a truncated body, an unsupported dtype)
+    /// is [`Error::Corrupt`] naming the file and the reason.
     pub fn from_safetensors(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let loaded = Tensor::read_safetensors(path)?;
-        let mut set = TensorSet::new(loaded)?;
+        let names = crate::tier::spill::names(path)?;
+        let tensors = crate::tier::spill::read(path, &names, false)?;
+        let mut set = TensorSet::new(names.into_iter().zip(tensors))?;
         set.source = Some(path.to_path_buf());
         Ok(set)
     }

@@ -407,3 +407,32 @@ fn handles_guards_and_the_manager_are_send_and_sync() {
     check_send_sync::<sire::OwnedGuard<sire::TensorSet>>();
     check_send_sync::<sire::Stats>();
 }
+
+/// Issue 11: a malformed safetensors file is `Error::Corrupt` naming the file
+/// and the reason, not a libtorch error with C++ stack text.
+#[test]
+fn malformed_safetensors_sources_are_corrupt_with_the_file_and_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.safetensors");
+    Tensor::write_safetensors(&[("w", Tensor::ones([64], (Kind::Float, tch::Device::Cpu)))], &good).unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+    let cases: [(&str, Vec<u8>); 3] = [
+        ("garbage.safetensors", b"not a safetensors file at all".to_vec()),
+        ("truncated.safetensors", bytes[..bytes.len() - 10].to_vec()),
+        ("short.safetensors", vec![1, 2, 3]),
+    ];
+    for (name, content) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        let err = sire::TensorSet::from_safetensors(&path).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, sire::Error::Corrupt { .. }), "{name}: {msg}");
+        assert!(msg.contains(name), "{name}: the message names the file: {msg}");
+        assert!(!msg.contains("Exception raised") && !msg.contains("frame #"), "{name}: C++ text: {msg}");
+    }
+    let missing = dir.path().join("missing.safetensors");
+    let msg = sire::TensorSet::from_safetensors(&missing).unwrap_err().to_string();
+    assert!(msg.contains("missing.safetensors"), "{msg}");
+    let set = sire::TensorSet::from_safetensors(&good).unwrap();
+    assert_eq!(set.get("w").unwrap().sum(Kind::Float).double_value(&[]), 64.0);
+}

@@ -137,6 +137,27 @@ pub(crate) fn read(path: &Path, names: &[String], require_checksum: bool) -> Res
     read_into(path, names, require_checksum, None)
 }
 
+/// The names of the tensors of a safetensors file (a spill file or any
+/// other), in the order of their data in the file. A malformed file is
+/// [`Error::Corrupt`] with the reason; a file that cannot be opened is an I/O
+/// error naming it.
+pub(crate) fn names(path: &Path) -> Result<Vec<String>> {
+    let corrupt = |detail: String| Error::Corrupt { path: path.to_owned(), detail };
+    let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    let file = File::open(path).map_err(named)?;
+    let len = file.metadata().map_err(named)?.len();
+    if len < PREFIX_LEN as u64 {
+        return Err(corrupt(format!("the file is {len} bytes long, too short for a safetensors header")));
+    }
+    // SAFETY: as in `read_into`: a read-only mapping, only read here.
+    let map = unsafe { Mmap::map(&file) }.map_err(named)?;
+    let (_, metadata) = SafeTensors::read_metadata(&map).map_err(|e| corrupt(format!("bad header: {e}")))?;
+    let mut names: Vec<(usize, String)> =
+        metadata.tensors().into_iter().map(|(name, info)| (info.data_offsets.0, name)).collect();
+    names.sort();
+    Ok(names.into_iter().map(|(_, n)| n).collect())
+}
+
 /// Where [`read_into`] puts tensor `slot`: a contiguous CPU tensor that the
 /// caller allocated (a view into a packed, possibly pinned, home copy).
 pub(crate) type Dest<'a> = &'a mut dyn FnMut(usize) -> Result<Tensor>;
