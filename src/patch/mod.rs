@@ -5,5 +5,6 @@
 
 pub(crate) mod commit;
 pub(crate) mod lora;
+mod peft;
 mod rebase;
 pub(crate) mod variant;
