@@ -3,7 +3,6 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -11,6 +10,7 @@ use crate::engine::{Engine, Pinning};
 use crate::error::fmt_bytes;
 use crate::events::Listener;
 use crate::tier::budget;
+use crate::tier::spill::PrivateDir;
 use crate::{Error, Event, Location, ManageOptions, Managed, ResourceUser, Result, Stats};
 
 /// Owns the pools, the managed models, their LRU order and the statistics.
@@ -36,6 +36,9 @@ use crate::{Error, Event, Location, ManageOptions, Managed, ResourceUser, Result
 #[derive(Clone)]
 pub struct ResourcePoolManagement {
     pub(crate) inner: Arc<Engine>,
+    /// The private spill folder and its lock, held while any handle lives
+    /// (dropped after the engine, which removes the folder).
+    _spill: Option<Arc<PrivateDir>>,
 }
 
 impl ResourcePoolManagement {
@@ -67,8 +70,10 @@ impl ResourcePoolManagement {
         self.inner.pools()
     }
 
-    /// The directory this instance spills to (a private subdirectory of the
-    /// configured spill directory, removed when the instance is dropped).
+    /// The folder this instance spills to: a private subfolder of the
+    /// configured spill directory (absolute, `sire-<32 random hex digits>`,
+    /// mode 0700, files 0600), removed when the instance is dropped, or by the
+    /// next set-up under the same directory if the process died.
     pub fn spill_dir(&self) -> Option<&std::path::Path> {
         self.inner.spill_dir.as_deref()
     }
@@ -101,7 +106,7 @@ impl fmt::Display for ResourcePoolManagement {
 /// | each CUDA device | [`cuda_budget`](Builder::cuda_budget) | `SIRE_CUDA_BUDGET` | NVML total − max(1 GiB, 10%) |
 /// | host memory | [`cpu_budget`](Builder::cpu_budget) | `SIRE_CPU_BUDGET` | available (cgroup-aware) − max(512 MiB, 10%) |
 /// | disk | [`disk_budget`](Builder::disk_budget) | `SIRE_DISK_BUDGET` | free space − max(1 GiB, 5%) |
-/// | spill directory | [`spill_dir`](Builder::spill_dir) | `SIRE_SPILL_DIR` | `$TMPDIR/sire` |
+/// | spill directory (see below) | [`spill_dir`](Builder::spill_dir) | `SIRE_SPILL_DIR` | `$TMPDIR/sire` |
 /// | pinned home copies | [`pinned_cap`](Builder::pinned_cap) | `SIRE_PINNED_CAP` | half the host budget |
 ///
 /// The home copies (host weights) of models that run on a CUDA device are
@@ -110,6 +115,15 @@ impl fmt::Display for ResourcePoolManagement {
 /// pageable (correct, slower to load). Pinned memory cannot be swapped out, so
 /// the cap protects the rest of the system. Pinned bytes are part of the host
 /// pool, not in addition to it. Without a CUDA device nothing is pinned.
+///
+/// The spill directory is a root: each instance spills into its own private
+/// folder in it, `sire-<32 random hex digits>`, created 0700 by `mkdir` and
+/// checked (a directory of this user, no symlink), whoever owns the root. A
+/// relative path is made absolute once, at [`build`](Builder::build). Spill
+/// files are created 0600 with `O_EXCL | O_NOFOLLOW`, and each carries the
+/// identity of its model and write, checked when read back. Each instance
+/// holds a lock in its folder for its whole life; [`build`](Builder::build)
+/// removes the folders of dead instances of the same user under the root.
 ///
 /// Environment budgets accept `6GiB`, `6000MB`, plain bytes, or a fraction
 /// (`0.8`, `80%`) of the device total, available host memory or free disk.
@@ -177,7 +191,9 @@ impl Builder {
         self
     }
 
-    /// The spill directory (created if missing; must be writable).
+    /// The spill directory: the root under which this instance makes its
+    /// private folder (created 0700 if missing; must be writable; a relative
+    /// path is resolved against the working directory at [`build`](Builder::build)).
     pub fn spill_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.spill_dir = Some(dir.into());
         self
@@ -282,7 +298,8 @@ impl Builder {
                 (None, Some(d)) if !d.is_empty() => PathBuf::from(d),
                 _ => std::env::temp_dir().join("sire"),
             };
-            let dir = make_spill_dir(&root)?;
+            let private = PrivateDir::create(&root)?;
+            let dir = private.path().to_path_buf();
             let free =
                 budget::disk_free(&dir).map_err(|e| Error::SpillDir { path: dir.clone(), source: e })?;
             let disk = match (self.disk_budget, self.env_budget("SIRE_DISK_BUDGET", Some(free))?) {
@@ -290,9 +307,10 @@ impl Builder {
                 (None, None) => budget::default_disk_budget(free),
             };
             pools.push((Location::Disk, disk));
-            spill = Some(dir);
+            spill = Some(private);
         }
-        let mut inner = Engine::new(pools, spill, self.wait_timeout).with_pinning(pinning, pinned_cap);
+        let dir = spill.as_ref().map(|p| p.path().to_path_buf());
+        let mut inner = Engine::new(pools, dir, self.wait_timeout).with_pinning(pinning, pinned_cap);
         inner.listener = self.listener;
         if any_cuda {
             inner = inner.with_cuda_probe(
@@ -309,7 +327,7 @@ impl Builder {
                 }),
             );
         }
-        Ok(ResourcePoolManagement { inner: Arc::new(inner) })
+        Ok(ResourcePoolManagement { inner: Arc::new(inner), _spill: spill.map(Arc::new) })
     }
 
     fn env_budget(&self, var: &str, total: Option<u64>) -> Result<Option<u64>> {
@@ -319,22 +337,6 @@ impl Builder {
             Ok(None)
         }
     }
-}
-
-/// Creates this instance's private subdirectory and checks that it is writable.
-fn make_spill_dir(root: &std::path::Path) -> Result<PathBuf> {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let err = |path: &std::path::Path, source| Error::SpillDir { path: path.to_path_buf(), source };
-    std::fs::create_dir_all(root).map_err(|e| err(root, e))?;
-    let dir = root.join(format!("sire-{}-{}", std::process::id(), N.fetch_add(1, Relaxed)));
-    std::fs::create_dir_all(&dir).map_err(|e| err(&dir, e))?;
-    let probe = dir.join(".probe");
-    std::fs::write(&probe, b"sire").map_err(|e| {
-        let _ = std::fs::remove_dir(&dir);
-        err(&dir, e)
-    })?;
-    std::fs::remove_file(&probe).map_err(|e| err(&dir, e))?;
-    Ok(dir)
 }
 
 static GLOBAL: OnceLock<ResourcePoolManagement> = OnceLock::new();

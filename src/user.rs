@@ -2,7 +2,7 @@
 //! model types, and [`TensorSet`].
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tch::{nn, CModule, Device, Kind, Tensor};
 
@@ -76,7 +76,8 @@ impl ResourceUser for CModule {
 pub struct TensorSet {
     tensors: Vec<(String, Tensor)>,
     index: HashMap<String, usize>,
-    source: Option<PathBuf>,
+    /// The file the tensors were read from, as first read.
+    source: Option<crate::tier::spill::Source>,
 }
 
 impl TensorSet {
@@ -98,15 +99,43 @@ impl TensorSet {
     /// Loads every tensor of a safetensors file onto the CPU. While the model is
     /// clean, `sire` reloads it from this file instead of writing a spill copy.
     ///
+    /// The file is remembered by its absolute path (symlinks resolved), size,
+    /// modification time and a hash of every tensor's bytes as read now. Each
+    /// reload checks them: a file that changed since (overwritten, replaced,
+    /// truncated) is [`Error::Corrupt`] naming it, and the model stays where it
+    /// was. To be immune to later changes of the file, at the cost of writing
+    /// a spill copy on the first eviction, use [`TensorSet::private_copy`].
+    ///
     /// A malformed file (a bad header, a truncated body, an unsupported dtype)
-    /// is [`Error::Corrupt`] naming the file and the reason.
+    /// is [`Error::Corrupt`] naming the file and the reason; a symlink or FIFO
+    /// where the resolved file should be, or anything but a regular file, is
+    /// refused the same way.
     pub fn from_safetensors(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let names = crate::tier::spill::names(path)?;
-        let tensors = crate::tier::spill::read(path, &names, false)?;
+        let (names, tensors, source) = crate::tier::spill::load_source(path.as_ref())?;
         let mut set = TensorSet::new(names.into_iter().zip(tensors))?;
-        set.source = Some(path.to_path_buf());
+        set.source = Some(source);
         Ok(set)
+    }
+
+    /// Forgets the file the set was loaded from: `sire` then keeps its own
+    /// private copy of the weights (a spill file written on the first
+    /// eviction) and never reads the original file again, so the file may
+    /// change or disappear. Without this, a set from
+    /// [`TensorSet::from_safetensors`] reloads from its file, and a changed
+    /// file is an error.
+    ///
+    /// ```
+    /// # fn main() -> sire::Result<()> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let path = dir.path().join("w.safetensors");
+    /// # tch::Tensor::write_safetensors(&[("w", tch::Tensor::ones([4], tch::kind::FLOAT_CPU))], &path)?;
+    /// let set = sire::TensorSet::from_safetensors(&path)?.private_copy();
+    /// # let _ = set;
+    /// # Ok(()) }
+    /// ```
+    pub fn private_copy(mut self) -> Self {
+        self.source = None;
+        self
     }
 
     /// A handle on the tensor called `name` (it follows the managed weights).
@@ -453,7 +482,7 @@ pub(crate) fn one_device(model: &str, devices: &[(String, Device)]) -> Result<De
 
 /// The source file of a model that came from safetensors, if any (used to
 /// reload clean models without writing a spill copy).
-pub(crate) fn source_of(user: &dyn std::any::Any) -> Option<PathBuf> {
+pub(crate) fn source_of(user: &dyn std::any::Any) -> Option<crate::tier::spill::Source> {
     user.downcast_ref::<TensorSet>().and_then(|s| s.source.clone())
 }
 

@@ -67,7 +67,7 @@ impl Engine {
             }
         }
         let source = user::source_of(model as &dyn std::any::Any);
-        let spill_path = self.spill_dir.as_ref().map(|d| d.join(format!("{id}.safetensors")));
+        let spill = self.spill_dir.as_deref().map(|d| crate::tier::spill::SpillFile::new(d, id));
         let core = Arc::new(ModelCore::new(
             CoreSpec {
                 id,
@@ -80,7 +80,7 @@ impl Engine {
                 reserve: opts.reserve,
                 clock: self.clock.fetch_add(1, Relaxed),
             },
-            ModelData::new(inv.groups, spill_path, source),
+            ModelData::new(inv.groups, spill, source),
         ));
         self.admit(&core).map_err(release_name)?;
         Ok(core)
@@ -182,7 +182,7 @@ impl Engine {
         if let Some((core, res)) = lk.remove(core.id) {
             lk.release_name(&core.name);
             self.emit(&core, EventKind::Unregistered, Some(res.location(&core)), None);
-            if let Some(p) = &core.data.lock().spill_path {
+            if let Some(p) = core.data.lock().spill.as_ref().map(|f| f.path()) {
                 // Whether a spill file was ever written or not: it is this model's alone.
                 match std::fs::remove_file(p) {
                     Ok(()) => {}

@@ -2,7 +2,6 @@
 //! state word that the hit path reads (`READY` and the use count), and its
 //! weights (the tensor groups and their home, device and disk bookkeeping).
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 use std::sync::{Arc, OnceLock};
 
@@ -10,6 +9,7 @@ use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
 use tch::{Device, Tensor};
 
 use crate::options::OffloadPolicy;
+use crate::tier::spill::{Source, SpillFile};
 use crate::user::Group;
 use crate::Location;
 
@@ -63,9 +63,12 @@ pub(crate) struct ModelData {
     pub dev_versions: Vec<i64>,
     /// Version counters of the host copies when the disk copy was last in sync.
     pub disk_versions: Vec<i64>,
-    pub spill_path: Option<PathBuf>,
-    /// A safetensors file the weights came from: a clean model reloads from it.
-    pub source: Option<PathBuf>,
+    /// The model's spill file (none without a disk tier): its path and the
+    /// identity of its last write, checked when it is read back.
+    pub spill: Option<SpillFile>,
+    /// A safetensors file the weights came from, as first read: a clean model
+    /// reloads from it, if it has not changed.
+    pub source: Option<Source>,
     /// The home copy of a CUDA model packed into one host buffer (pinned when
     /// the ledger says so), every group a view into it: a load is then one
     /// large copy. `None` for CPU models and while the weights are on disk.
@@ -73,14 +76,14 @@ pub(crate) struct ModelData {
 }
 
 impl ModelData {
-    pub(crate) fn new(groups: Vec<Group>, spill_path: Option<PathBuf>, source: Option<PathBuf>) -> Self {
+    pub(crate) fn new(groups: Vec<Group>, spill: Option<SpillFile>, source: Option<Source>) -> Self {
         let disk_versions = groups.iter().map(Group::version).collect();
         ModelData {
             groups,
             homes: Vec::new(),
             dev_versions: Vec::new(),
             disk_versions,
-            spill_path,
+            spill,
             source,
             pack: None,
         }

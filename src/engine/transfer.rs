@@ -209,14 +209,14 @@ impl Transfer {
             let span = tracing::debug_span!("sire.spill", model = %c.name, bytes = c.bytes, from = "cpu", to = "disk", cause = job.cause);
             let _g = span.enter();
             if job.write {
-                let path = d.spill_path.clone().ok_or_else(|| Error::InvalidOptions {
+                let file = d.spill.as_mut().ok_or_else(|| Error::InvalidOptions {
                     model: c.name.clone(),
                     reason: "no spill directory".into(),
                 })?;
                 self.failpoint(FailAt::Spill)?;
                 let named: Vec<(String, Tensor)> =
                     d.groups.iter().map(|g| (g.key.clone(), g.current().shallow_clone())).collect();
-                spill::write(&path, &named).map_err(|e| in_file(e, &c.name, &path))?;
+                file.write(&named).map_err(|e| in_file(e, &c.name, file.path()))?;
                 d.source = None; // the spill file is now the reference copy
                 counters.bytes_to_disk.fetch_add(c.bytes, Relaxed);
             }
@@ -250,14 +250,21 @@ impl Transfer {
             let span = tracing::debug_span!("sire.load", model = %c.name, bytes = c.bytes, from = "disk", to = "cpu");
             let _g = span.enter();
             let keys: Vec<String> = d.groups.iter().map(|g| g.key.clone()).collect();
-            let (path, checked) = match (&d.source, &d.spill_path) {
-                (Some(src), _) => (src.clone(), false),
-                (None, Some(p)) => (p.clone(), true),
+            // The source file if the model is clean and has one (checked
+            // unchanged), else its spill file (checked to be its own).
+            let path = match (&d.source, &d.spill) {
+                (Some(src), _) => src.path().to_owned(),
+                (None, Some(f)) => f.path().to_owned(),
+                (None, None) => unreachable!("a model off the host has a disk copy"),
+            };
+            let read = |d: &ModelData, dest: Option<spill::Dest<'_>>| match (&d.source, &d.spill) {
+                (Some(src), _) => src.read_into(&keys, dest),
+                (None, Some(f)) => f.read_into(&keys, dest),
                 (None, None) => unreachable!("a model off the host has a disk copy"),
             };
             // A CUDA model's home is read straight into one packed (pinned) buffer.
             let (ts, pack) = if c.runtime() == Location::Cpu {
-                (spill::read(&path, &keys, checked).map_err(|e| in_file(e, &c.name, &path))?, None)
+                (read(d, None).map_err(|e| in_file(e, &c.name, &path))?, None)
             } else {
                 let (offsets, total) = pack_layout(&d.groups);
                 let (flat, p) = self.alloc_host(total, load.pin)?;
@@ -268,8 +275,7 @@ impl Transfer {
                     let (kind, shape, bytes) = &metas[slot];
                     pack_view(&flat, offsets[slot], *kind, shape, *bytes)
                 };
-                let ts = spill::read_into(&path, &keys, checked, Some(&mut dest))
-                    .map_err(|e| in_file(e, &c.name, &path))?;
+                let ts = read(d, Some(&mut dest)).map_err(|e| in_file(e, &c.name, &path))?;
                 (ts, Some(flat))
             };
             self.failpoint(FailAt::Load)?;

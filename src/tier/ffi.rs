@@ -35,6 +35,41 @@ pub(crate) fn statvfs_free(path: &Path) -> io::Result<u64> {
     Ok(free)
 }
 
+/// The effective user id of the process: the owner that the files and
+/// folders of the disk tier must have.
+pub(crate) fn euid() -> u32 {
+    // SAFETY: `geteuid` has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Fills `buf` with bytes from the kernel's random source (`getrandom`):
+/// unguessable names and nonces for the disk tier.
+pub(crate) fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: `rest` is writable memory of `rest.len()` bytes that
+        // outlives the call, which writes at most that many bytes into it.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(io::Error::new(e.kind(), format!("getrandom: {e}")));
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}
+
+/// A random 128-bit value (see [`random_bytes`]).
+pub(crate) fn random_u128() -> io::Result<u128> {
+    let mut b = [0u8; 16];
+    random_bytes(&mut b)?;
+    Ok(u128::from_le_bytes(b))
+}
+
 #[cfg(test)]
 /// Paths of the files mapped into this process, from `/proc/self/maps`.
 fn mapped_paths() -> io::Result<Vec<PathBuf>> {

@@ -4,18 +4,39 @@
 //! `"sire.format": "1"` and one xxh3-64 checksum per tensor, under the key
 //! `sire.xxh3.<tensor name>` as 16 lowercase hex digits.
 //!
-//! [`write`] streams each tensor's bytes straight from its memory to a
-//! temporary file and renames it into place, so that a reader sees either the
-//! old file or the whole new one. [`read`] copies each tensor's bytes from an
-//! mmap of the file straight into a freshly allocated tensor, verifying the
-//! checksum as it goes and handing the file's pages back as soon as they are
-//! copied, so that the process never holds a model twice.
+//! A spill file is bound to its model: its `__metadata__` also holds the
+//! instance id (the random name of the instance's private folder), the model's
+//! id and a random nonce drawn for each write (`sire.instance`, `sire.model`,
+//! `sire.nonce`). [`SpillFile`] remembers the nonce of its last write and
+//! refuses, as [`Error::Corrupt`], any file that does not carry exactly that
+//! identity: another model's file copied over it, a file forged with
+//! recomputed checksums, another process's file.
+//!
+//! Writing streams each tensor's bytes straight from its memory to a
+//! temporary file (created `O_EXCL | O_NOFOLLOW`, mode 0600) and renames it
+//! into place, so that a reader sees either the old file or the whole new one.
+//! Reading opens the file `O_NOFOLLOW | O_NONBLOCK` (a symlink or a FIFO is
+//! refused, never followed or waited on), requires a regular file, and copies
+//! each tensor's bytes from an mmap of the file straight into a freshly
+//! allocated tensor, verifying the checksum as it goes and handing the file's
+//! pages back as soon as they are copied, so that the process never holds a
+//! model twice.
+//!
+//! A model's source file (a safetensors file it was loaded from) is a
+//! [`Source`]: its size, modification time and the xxh3 of every tensor read
+//! the first time are checked on every reload, and a file that changed is
+//! [`Error::Corrupt`].
+//!
+//! [`PrivateDir`] is an instance's folder under the spill root: created 0700
+//! with a random name, locked (`flock` on the folder) for the instance's life, so that the
+//! next set-up under the same root can tell the folders of dead instances and
+//! [`reclaim`] them.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use memmap2::{Advice, Mmap, UncheckedAdvice};
@@ -24,13 +45,23 @@ use safetensors::Dtype;
 use tch::{Device, Kind, Tensor};
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::error::{Error, Result};
+use crate::error::{fmt_bytes, Error, Result};
+use crate::tier::ffi;
 
 /// Metadata key of the format version, and its value.
 const FORMAT_KEY: &str = "sire.format";
 const FORMAT_VERSION: &str = "1";
 /// Prefix of the metadata keys holding the checksums.
 const CHECKSUM_PREFIX: &str = "sire.xxh3.";
+/// Metadata keys of a spill file's identity (see [`Identity`]).
+const INSTANCE_KEY: &str = "sire.instance";
+const MODEL_KEY: &str = "sire.model";
+const NONCE_KEY: &str = "sire.nonce";
+/// Prefix of the names of instance folders under a spill root.
+const FOLDER_PREFIX: &str = "sire-";
+/// Flags of every open of a disk-tier file: a symlink is refused (`ELOOP`),
+/// a FIFO or device does not block the open.
+const OPEN_FLAGS: i32 = libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
 /// Length of the little-endian header-length prefix.
 const PREFIX_LEN: usize = 8;
 /// Bytes copied at a time; each chunk is hashed right after, while in cache.
@@ -97,27 +128,98 @@ fn dtype_to_kind(dtype: Dtype) -> Option<Kind> {
 /// directory is synced. On an error before the rename the temporary file is
 /// removed and `path` is untouched; an error syncing the directory after the
 /// rename leaves the new file in place.
+///
+/// The temporary file is created `O_EXCL | O_NOFOLLOW`, mode 0600: whatever
+/// is found at `<path>.tmp` (a leftover, a symlink or a FIFO planted there) is
+/// unlinked, never followed or opened, before the file is created anew. A
+/// filesystem that runs out of room is an [`io::ErrorKind::StorageFull`]
+/// error saying how much the file needs and how much is missing.
+#[cfg(test)]
 pub(crate) fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<u64> {
+    write_with(path, tensors, None)
+}
+
+/// [`write`], with `identity` in the header when given.
+fn write_with(path: &Path, tensors: &[(String, Tensor)], identity: Option<&Identity>) -> Result<u64> {
     let (slots, data_len) = layout(tensors)?;
     // Checksums have a fixed width, so the header's length is known up front;
     // the real checksums are written over the placeholders at the end.
-    let placeholder = header(&slots, &vec![0; slots.len()])?;
+    let placeholder = header(&slots, &vec![0; slots.len()], identity)?;
     let total = (PREFIX_LEN + placeholder.len() + data_len) as u64;
 
     let tmp = TempFile::create(path)?;
+    match fill(&tmp, &slots, &placeholder, identity) {
+        Ok(()) => {}
+        Err(Error::Io(e)) if is_disk_full(&e) => return Err(disk_full(&tmp, total, &e).into()),
+        Err(e) => return Err(e),
+    }
+    tmp.commit(path)?;
+    Ok(total)
+}
+
+/// Writes the header and the data of `slots` to the temporary file and syncs it.
+fn fill(tmp: &TempFile, slots: &[Slot<'_>], placeholder: &[u8], identity: Option<&Identity>) -> Result<()> {
     let mut out = BufWriter::with_capacity(WRITE_BUFFER, &tmp.file);
     out.write_all(&(placeholder.len() as u64).to_le_bytes())?;
-    out.write_all(&placeholder)?;
+    out.write_all(placeholder)?;
     let checksums = slots.iter().map(|slot| write_data(&mut out, slot.tensor)).collect::<Result<Vec<_>>>()?;
     out.flush()?;
     drop(out);
 
-    let header = header(&slots, &checksums)?;
+    let header = header(slots, &checksums, identity)?;
     assert_eq!(header.len(), placeholder.len(), "checksums have a fixed width");
     tmp.file.write_all_at(&header, PREFIX_LEN as u64)?;
     tmp.file.sync_all()?;
-    tmp.commit(path)?;
-    Ok(total)
+    Ok(())
+}
+
+/// Whether a write failed for want of room (`ENOSPC`, or a quota's `EDQUOT`).
+fn is_disk_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// The error for a write of a `total`-byte file that ran out of room: how
+/// much the file needs, how much room the filesystem had for it (what it
+/// still reports free plus what the temporary file already holds), and how
+/// much is missing.
+fn disk_full(tmp: &TempFile, total: u64, e: &io::Error) -> io::Error {
+    let written = tmp.file.metadata().map(|m| m.len()).unwrap_or(0);
+    let free = ffi::statvfs_free(parent_dir(&tmp.path));
+    let message = match free {
+        Ok(free) => {
+            let room = free.saturating_add(written);
+            let missing = total.saturating_sub(room);
+            if missing > 0 {
+                format!(
+                    "no space left on the device: the file needs {}, the filesystem had room for {} \
+                     ({} missing) ({e})",
+                    fmt_bytes(total),
+                    fmt_bytes(room),
+                    fmt_bytes(missing)
+                )
+            } else {
+                format!(
+                    "no space left on the device: the file needs {} and the filesystem reports {} free; \
+                     a quota or reserved blocks are the limit ({e})",
+                    fmt_bytes(total),
+                    fmt_bytes(room)
+                )
+            }
+        }
+        Err(statvfs) => format!(
+            "no space left on the device: the file needs {} (free space unknown: {statvfs}) ({e})",
+            fmt_bytes(total)
+        ),
+    };
+    io::Error::new(io::ErrorKind::StorageFull, message)
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
 }
 
 /// Reads the tensors named `names`, in that order, from a spill file or any
@@ -133,24 +235,24 @@ pub(crate) fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<u64> {
 /// window, never the file's pages and the tensors both. Tensors of 2 MiB or
 /// more are asked for transparent huge pages, which makes faulting in their
 /// fresh memory, the main cost of the copy, several times cheaper.
+#[cfg(test)]
 pub(crate) fn read(path: &Path, names: &[String], require_checksum: bool) -> Result<Vec<Tensor>> {
-    read_into(path, names, require_checksum, None)
+    Ok(read_checked(path, names, Expect::Any { require_checksum }, None)?.tensors)
 }
 
 /// The names of the tensors of a safetensors file (a spill file or any
 /// other), in the order of their data in the file. A malformed file is
 /// [`Error::Corrupt`] with the reason; a file that cannot be opened is an I/O
 /// error naming it.
-pub(crate) fn names(path: &Path) -> Result<Vec<String>> {
+fn names(path: &Path) -> Result<Vec<String>> {
     let corrupt = |detail: String| Error::Corrupt { path: path.to_owned(), detail };
-    let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
-    let file = File::open(path).map_err(named)?;
-    let len = file.metadata().map_err(named)?.len();
+    let (file, meta) = open_regular(path, false)?;
+    let len = meta.len();
     if len < PREFIX_LEN as u64 {
         return Err(corrupt(format!("the file is {len} bytes long, too short for a safetensors header")));
     }
-    // SAFETY: as in `read_into`: a read-only mapping, only read here.
-    let map = unsafe { Mmap::map(&file) }.map_err(named)?;
+    // SAFETY: as in `read_checked`: a read-only mapping, only read here.
+    let map = unsafe { Mmap::map(&file) }?;
     let (_, metadata) = SafeTensors::read_metadata(&map).map_err(|e| corrupt(format!("bad header: {e}")))?;
     let mut names: Vec<(usize, String)> =
         metadata.tensors().into_iter().map(|(name, info)| (info.data_offsets.0, name)).collect();
@@ -158,22 +260,83 @@ pub(crate) fn names(path: &Path) -> Result<Vec<String>> {
     Ok(names.into_iter().map(|(_, n)| n).collect())
 }
 
-/// Where [`read_into`] puts tensor `slot`: a contiguous CPU tensor that the
+/// Where [`read_checked`] puts tensor `slot`: a contiguous CPU tensor that the
 /// caller allocated (a view into a packed, possibly pinned, home copy).
 pub(crate) type Dest<'a> = &'a mut dyn FnMut(usize) -> Result<Tensor>;
 
-/// [`read`], copying each tensor straight from the mapping into `dest(slot)`
-/// when given (no intermediate buffer). A destination whose size, dtype or
-/// layout does not match the file is a [`Error::Corrupt`] before any copy.
-pub(crate) fn read_into(
+/// What a read checks beyond the format.
+#[derive(Clone, Copy)]
+enum Expect<'a> {
+    /// Any safetensors file: checksums are verified where present, and
+    /// required if asked.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Any {
+        /// Whether a tensor without a checksum is an error.
+        require_checksum: bool,
+    },
+    /// The first read of a model's source file: every tensor is hashed.
+    Record,
+    /// A model's spill file: checksums required, and exactly this identity.
+    Spill(&'a Identity),
+    /// A model's source file: unchanged since it was first read.
+    Source(&'a Source),
+}
+
+/// What [`read_checked`] read.
+struct Read {
+    /// The tensors, in the order asked for.
+    tensors: Vec<Tensor>,
+    /// The xxh3-64 of each tensor's bytes, where computed (always with
+    /// [`Expect::Record`]).
+    sums: Vec<Option<u64>>,
+    /// The file's metadata, from the descriptor the bytes were read through.
+    meta: fs::Metadata,
+}
+
+/// Opens `path` for reading, refusing (as [`Error::Corrupt`]) a symbolic
+/// link, which is not followed, and anything but a regular file (a FIFO is
+/// opened without blocking, then refused). With `ours` the file must also
+/// belong to this process's user. A file that cannot be opened is
+/// [`Error::Io`] with the OS error.
+fn open_regular(path: &Path, ours: bool) -> Result<(File, fs::Metadata)> {
+    let corrupt = |detail: String| Error::Corrupt { path: path.to_owned(), detail };
+    let file = match OpenOptions::new().read(true).custom_flags(OPEN_FLAGS).open(path) {
+        Ok(file) => file,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(corrupt("it is a symbolic link, which sire does not follow".into()))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(corrupt(format!("it is not a regular file (mode {:o})", meta.mode())));
+    }
+    let me = ffi::euid();
+    if ours && meta.uid() != me {
+        return Err(corrupt(format!(
+            "it belongs to uid {}, not to this process's user (uid {me})",
+            meta.uid()
+        )));
+    }
+    Ok((file, meta))
+}
+
+/// Reads the tensors named `names`, in that order, checking what `expect`
+/// says, copying each tensor straight from the mapping into `dest(slot)` when
+/// given (no intermediate buffer). A destination whose size, dtype or layout
+/// does not match the file is a [`Error::Corrupt`] before any copy.
+fn read_checked(
     path: &Path,
     names: &[String],
-    require_checksum: bool,
+    expect: Expect<'_>,
     mut dest: Option<Dest<'_>>,
-) -> Result<Vec<Tensor>> {
+) -> Result<Read> {
     let corrupt = |detail: String| Error::Corrupt { path: path.to_owned(), detail };
-    let file = File::open(path)?;
-    let len = file.metadata()?.len();
+    let (file, meta) = open_regular(path, matches!(expect, Expect::Spill(_)))?;
+    if let Expect::Source(source) = expect {
+        source.check_unchanged(&meta)?;
+    }
+    let len = meta.len();
     if len < PREFIX_LEN as u64 {
         return Err(corrupt(format!("the file is {len} bytes long, too short for a safetensors header")));
     }
@@ -193,6 +356,10 @@ pub(crate) fn read_into(
             return Err(corrupt(format!("unknown spill format version {version:?}")));
         }
     }
+    if let Expect::Spill(identity) = expect {
+        identity.check(extra).map_err(corrupt)?;
+    }
+    let require_checksum = matches!(expect, Expect::Any { require_checksum: true } | Expect::Spill(_));
 
     // Check every request before allocating anything.
     let mut jobs = names
@@ -218,8 +385,24 @@ pub(crate) fn read_into(
                 None if require_checksum => return Err(corrupt(format!("no checksum for tensor `{name}`"))),
                 None => None,
             };
+            let recorded = match expect {
+                Expect::Source(source) => Some(source.sums.get(name).copied().ok_or_else(|| {
+                    corrupt(format!("tensor `{name}` was not in the file when it was first read"))
+                })?),
+                _ => None,
+            };
+            let hash = checksum.is_some() || recorded.is_some() || matches!(expect, Expect::Record);
             let (start, end) = info.data_offsets;
-            Ok(Job { slot, name, kind, shape, range: data_start + start..data_start + end, checksum })
+            Ok(Job {
+                slot,
+                name,
+                kind,
+                shape,
+                range: data_start + start..data_start + end,
+                checksum,
+                recorded,
+                hash,
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     // Copy in file order, so that the file is read front to back.
@@ -229,6 +412,7 @@ pub(crate) fn read_into(
     let _ = map.advise(Advice::Sequential);
     let mut copier = Copier { map: &map, path, page: page_size(), populate: true };
     let mut out: Vec<Option<Tensor>> = names.iter().map(|_| None).collect();
+    let mut sums = vec![None; names.len()];
     for job in &jobs {
         let given = match dest.as_mut() {
             Some(f) => {
@@ -252,9 +436,381 @@ pub(crate) fn read_into(
             }
             None => None,
         };
-        out[job.slot] = Some(copier.tensor(job, given)?);
+        let (tensor, sum) = copier.tensor(job, given)?;
+        out[job.slot] = Some(tensor);
+        sums[job.slot] = sum;
     }
-    Ok(out.into_iter().map(|t| t.expect("every requested tensor was read")).collect())
+    let tensors = out.into_iter().map(|t| t.expect("every requested tensor was read")).collect();
+    Ok(Read { tensors, sums, meta })
+}
+
+/// Who a spill file belongs to: the instance (the random name of its private
+/// folder), the model's id in it, and a random nonce drawn for each write.
+/// Written into the file's `__metadata__`; a read accepts only a file with
+/// exactly the identity of the model's last write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Identity {
+    instance: String,
+    model: u64,
+    nonce: u128,
+}
+
+impl Identity {
+    /// The identity's metadata entries.
+    fn entries(&self) -> [(String, String); 3] {
+        [
+            (INSTANCE_KEY.into(), self.instance.clone()),
+            (MODEL_KEY.into(), self.model.to_string()),
+            (NONCE_KEY.into(), format!("{:032x}", self.nonce)),
+        ]
+    }
+
+    /// Checks that a file's metadata carries this identity; the error says
+    /// what differs.
+    fn check(&self, extra: Option<&HashMap<String, String>>) -> std::result::Result<(), String> {
+        let get = |key: &str| extra.and_then(|m| m.get(key)).map(String::as_str);
+        let Some(instance) = get(INSTANCE_KEY) else {
+            return Err("it names no owner: it is not a spill file this instance wrote".into());
+        };
+        if instance != self.instance {
+            return Err(format!(
+                "it belongs to another sire instance ({instance:?}; this one is {:?})",
+                self.instance
+            ));
+        }
+        let model = get(MODEL_KEY).unwrap_or("none");
+        if model != self.model.to_string() {
+            return Err(format!(
+                "it belongs to model #{model} of this instance, not to model #{}",
+                self.model
+            ));
+        }
+        if get(NONCE_KEY) != Some(format!("{:032x}", self.nonce).as_str()) {
+            return Err("it is not the file this model last wrote (its write nonce differs): it was \
+                        replaced or forged"
+                .into());
+        }
+        Ok(())
+    }
+}
+
+/// A model's spill file: where it is, and which write of it is the model's.
+#[derive(Debug)]
+pub(crate) struct SpillFile {
+    path: PathBuf,
+    instance: String,
+    model: u64,
+    /// The nonce of the last complete write; none before the first.
+    written: Option<u128>,
+}
+
+impl SpillFile {
+    /// The spill file of model `model` in the instance folder `dir`:
+    /// `<dir>/<model>.safetensors`. The folder's name is the instance id.
+    pub(crate) fn new(dir: &Path, model: u64) -> SpillFile {
+        let instance = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        SpillFile { path: dir.join(format!("{model}.safetensors")), instance, model, written: None }
+    }
+
+    /// Where the file is.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `tensors` as the model's spill file (see [`write`]) under a new
+    /// identity, which only this file then carries; returns its size in bytes.
+    /// The folder must still be private: a directory (not a symlink) of this
+    /// process's user that no one else may write to.
+    pub(crate) fn write(&mut self, tensors: &[(String, Tensor)]) -> Result<u64> {
+        check_private_dir(parent_dir(&self.path))?;
+        let identity =
+            Identity { instance: self.instance.clone(), model: self.model, nonce: ffi::random_u128()? };
+        let size = write_with(&self.path, tensors, Some(&identity))?;
+        self.written = Some(identity.nonce);
+        Ok(size)
+    }
+
+    /// Reads the tensors named `names` back (see [`read`]), into `dest` when
+    /// given. Beyond the checks of any read, the file must belong to this
+    /// process's user, have a checksum for every tensor and carry the identity
+    /// of the model's last write: anything else is [`Error::Corrupt`].
+    pub(crate) fn read_into(&self, names: &[String], dest: Option<Dest<'_>>) -> Result<Vec<Tensor>> {
+        let Some(nonce) = self.written else {
+            return Err(Error::Corrupt {
+                path: self.path.clone(),
+                detail: "this model never wrote a spill file".into(),
+            });
+        };
+        let identity = Identity { instance: self.instance.clone(), model: self.model, nonce };
+        Ok(read_checked(&self.path, names, Expect::Spill(&identity), dest)?.tensors)
+    }
+}
+
+/// A safetensors file a model was loaded from, as it was when first read:
+/// its size, its modification time and the xxh3-64 of each tensor's bytes.
+#[derive(Debug, Clone)]
+pub(crate) struct Source {
+    /// The file (absolute, symlinks resolved when it was first read).
+    path: PathBuf,
+    len: u64,
+    /// Modification time: seconds and nanoseconds since the epoch.
+    modified: (i64, i64),
+    sums: HashMap<String, u64>,
+}
+
+impl Source {
+    /// Where the file is.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the tensors named `names` again (see [`read`]), into `dest` when
+    /// given. The file must have the size and modification time it had when
+    /// first read (checked before any copy) and each tensor the bytes it had
+    /// then (checked as it is copied): a file that changed is
+    /// [`Error::Corrupt`] naming it, and nothing read is used.
+    pub(crate) fn read_into(&self, names: &[String], dest: Option<Dest<'_>>) -> Result<Vec<Tensor>> {
+        Ok(read_checked(&self.path, names, Expect::Source(self), dest)?.tensors)
+    }
+
+    /// Checks the size and modification time of the file just opened.
+    fn check_unchanged(&self, meta: &fs::Metadata) -> Result<()> {
+        let modified = (meta.mtime(), meta.mtime_nsec());
+        if meta.len() == self.len && modified == self.modified {
+            return Ok(());
+        }
+        Err(Error::Corrupt {
+            path: self.path.clone(),
+            detail: format!(
+                "the file changed after the model was loaded from it (size {} then, {} now; modified \
+                 at {}.{:09} then, {}.{:09} now); sire does not reload a changed file",
+                self.len,
+                meta.len(),
+                self.modified.0,
+                self.modified.1,
+                modified.0,
+                modified.1
+            ),
+        })
+    }
+}
+
+/// Reads every tensor of the safetensors file at `path`, in file order, for a
+/// model made from it, and records the file's identity for later reloads. The
+/// path is made absolute with symlinks resolved, so that a later change of
+/// the working directory or of a link does not change which file is meant.
+/// Errors: [`Error::Corrupt`] for a malformed file (or a symlink or FIFO in
+/// place of the resolved file), an I/O error naming the file otherwise.
+pub(crate) fn load_source(path: &Path) -> Result<(Vec<String>, Vec<Tensor>, Source)> {
+    let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    let path = fs::canonicalize(path).map_err(named)?;
+    let with_path = |e: Error| match e {
+        Error::Io(e) => Error::Io(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+        other => other,
+    };
+    let names = names(&path).map_err(with_path)?;
+    let read = read_checked(&path, &names, Expect::Record, None).map_err(with_path)?;
+    let sums = names
+        .iter()
+        .zip(&read.sums)
+        .map(|(name, sum)| (name.clone(), sum.expect("a recording read hashes every tensor")))
+        .collect();
+    let source =
+        Source { len: read.meta.len(), modified: (read.meta.mtime(), read.meta.mtime_nsec()), sums, path };
+    Ok((names, read.tensors, source))
+}
+
+/// Checks that `dir` is still a folder no one else can change: a directory
+/// (not a symlink) of this process's user that neither its group nor others
+/// may write to. (An instance's own folder is 0700; the files in it are 0600.)
+fn check_private_dir(dir: &Path) -> io::Result<()> {
+    let meta = fs::symlink_metadata(dir)?;
+    let me = ffi::euid();
+    if !meta.file_type().is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the spill folder {} is no longer private (a directory of uid {me} that only its owner may \
+                 write to): it is {} of uid {}, mode {:o}",
+                dir.display(),
+                if meta.file_type().is_symlink() {
+                    "a symlink"
+                } else if meta.file_type().is_dir() {
+                    "a directory"
+                } else {
+                    "not a directory"
+                },
+                meta.uid(),
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// An instance's private folder under the spill root: `sire-<32 random hex
+/// digits>`, created 0700 and verified (a directory of this process's user,
+/// no symlink), and locked (`flock` on the folder itself) for as long as this
+/// value lives. Dropping it removes the folder.
+#[derive(Debug)]
+pub(crate) struct PrivateDir {
+    path: PathBuf,
+    /// The folder, open and locked (exclusive) for the instance's life:
+    /// [`reclaim`] leaves the folder alone while it is.
+    _lock: File,
+}
+
+impl PrivateDir {
+    /// Creates a new private folder under `root` (made absolute first; created
+    /// 0700 if missing), after reclaiming the folders of dead instances there.
+    ///
+    /// The root may belong to another user and be writable by others (a
+    /// shared `/tmp/sire`): nothing in it is trusted. The folder is made with
+    /// `mkdir` under a hidden name (which fails rather than reuse anything),
+    /// checked and locked through a descriptor opened `O_NOFOLLOW`, and only
+    /// then renamed to the name [`reclaim`] looks for.
+    pub(crate) fn create(root: &Path) -> Result<PrivateDir> {
+        let fail = |path: &Path, source: io::Error| Error::SpillDir { path: path.to_owned(), source };
+        let root = std::path::absolute(root).map_err(|e| fail(root, e))?;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&root).map_err(|e| fail(&root, e))?;
+        let meta = fs::metadata(&root).map_err(|e| fail(&root, e))?;
+        if !meta.is_dir() {
+            return Err(fail(&root, io::Error::new(io::ErrorKind::NotADirectory, "not a directory")));
+        }
+        let open_to_others = meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0;
+        if meta.uid() != ffi::euid() && open_to_others {
+            tracing::warn!(
+                root = %root.display(),
+                owner = meta.uid(),
+                mode = format!("{:o}", meta.mode() & 0o7777),
+                "the spill root belongs to another user who lets others rename its entries (no sticky bit); \
+                 sire's folder in it is private and every file is checked when read, but prefer a root of your own"
+            );
+        }
+        reclaim(&root);
+        for _ in 0..8 {
+            let id = ffi::random_u128().map_err(|e| fail(&root, e))?;
+            let name = format!("{FOLDER_PREFIX}{id:032x}");
+            let pending = root.join(format!(".{name}"));
+            match fs::DirBuilder::new().mode(0o700).create(&pending) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(fail(&pending, e)),
+            }
+            let path = root.join(name);
+            let made = Self::secure(&pending).and_then(|lock| {
+                // `rename` would replace an empty directory at `path`: make
+                // sure nothing is there (the name is random; this is a check).
+                if fs::symlink_metadata(&path).is_ok() {
+                    return Err(io::Error::new(io::ErrorKind::AlreadyExists, "the folder name is taken"));
+                }
+                fs::rename(&pending, &path)?;
+                Ok(lock)
+            });
+            return match made {
+                Ok(lock) => Ok(PrivateDir { path, _lock: lock }),
+                Err(e) => {
+                    remove_if_ours(&pending);
+                    Err(fail(&pending, e))
+                }
+            };
+        }
+        Err(fail(&root, io::Error::new(io::ErrorKind::AlreadyExists, "no free folder name after 8 tries")))
+    }
+
+    /// Opens the folder just made (`O_NOFOLLOW`, so that what is checked is
+    /// what is changed), checks it is a directory of this user, sets its mode
+    /// to exactly 0700 (the umask may have taken bits away) and locks it.
+    fn secure(path: &Path) -> io::Result<File> {
+        let dir = OpenOptions::new().read(true).custom_flags(OPEN_FLAGS | libc::O_DIRECTORY).open(path)?;
+        let meta = dir.metadata()?;
+        let me = ffi::euid();
+        if !meta.is_dir() || meta.uid() != me {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "the new folder belongs to uid {}, not to this process's user (uid {me})",
+                    meta.uid()
+                ),
+            ));
+        }
+        if meta.mode() & 0o7777 != 0o700 {
+            dir.set_permissions(fs::Permissions::from_mode(0o700))?;
+        }
+        dir.try_lock().map_err(|e| match e {
+            fs::TryLockError::Error(e) => e,
+            fs::TryLockError::WouldBlock => {
+                io::Error::new(io::ErrorKind::WouldBlock, "the new folder is locked")
+            }
+        })?;
+        Ok(dir)
+    }
+
+    /// The folder (absolute).
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        remove_if_ours(&self.path);
+    }
+}
+
+/// Removes `dir` and everything in it if it is a directory (not a symlink) of
+/// this process's user. `remove_dir_all` follows no symlink inside it.
+fn remove_if_ours(dir: &Path) -> bool {
+    match fs::symlink_metadata(dir) {
+        Ok(meta) if meta.file_type().is_dir() && meta.uid() == ffi::euid() => fs::remove_dir_all(dir).is_ok(),
+        _ => false,
+    }
+}
+
+/// Removes the folders of dead instances under `root` and returns how many.
+///
+/// A folder is removed only if its name is `sire-<32 hex digits>`, it is a
+/// directory (not a symlink) of this process's user with mode 0700, and it
+/// can be locked: its instance is gone (a live one holds the lock on it).
+/// Anything else is left alone.
+pub(crate) fn reclaim(root: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(root) else { return 0 };
+    let me = ffi::euid();
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(hex) = name.to_str().and_then(|n| n.strip_prefix(FOLDER_PREFIX)) else { continue };
+        if hex.len() != 32 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(dir) = OpenOptions::new().read(true).custom_flags(OPEN_FLAGS | libc::O_DIRECTORY).open(&path)
+        else {
+            continue; // not a directory, or a symlink
+        };
+        match dir.metadata() {
+            Ok(m) if m.is_dir() && m.uid() == me && m.mode() & 0o7777 == 0o700 => {}
+            _ => continue,
+        }
+        if dir.try_lock().is_err() {
+            continue; // a live instance holds it
+        }
+        // The name still means the folder locked (not a replacement).
+        match (fs::symlink_metadata(&path), dir.metadata()) {
+            (Ok(now), Ok(locked)) if now.dev() == locked.dev() && now.ino() == locked.ino() => {}
+            _ => continue,
+        }
+        match fs::remove_dir_all(&path) {
+            Ok(()) => {
+                removed += 1;
+                tracing::info!(folder = %path.display(), "removed the spill folder of a dead instance");
+            }
+            Err(e) => {
+                tracing::warn!(folder = %path.display(), error = %e, "could not remove the spill folder of a dead instance")
+            }
+        }
+    }
+    removed
 }
 
 /// A tensor to be written: where it goes in the file, and its data.
@@ -303,15 +859,16 @@ fn layout(tensors: &[(String, Tensor)]) -> Result<(Vec<Slot<'_>>, usize)> {
     Ok((slots, offset))
 }
 
-/// The JSON header for `slots` with `checksums`, padded with spaces to a
+/// The JSON header for `slots` with `checksums` (and `identity`), padded with spaces to a
 /// multiple of 8 bytes so that the data starts aligned.
-fn header(slots: &[Slot<'_>], checksums: &[u64]) -> Result<Vec<u8>> {
+fn header(slots: &[Slot<'_>], checksums: &[u64], identity: Option<&Identity>) -> Result<Vec<u8>> {
     let mut extra: HashMap<String, String> = slots
         .iter()
         .zip(checksums)
         .map(|(slot, sum)| (format!("{CHECKSUM_PREFIX}{}", slot.name), format!("{sum:016x}")))
         .collect();
     extra.insert(FORMAT_KEY.into(), FORMAT_VERSION.into());
+    extra.extend(identity.iter().flat_map(|id| id.entries()));
     let infos = slots.iter().map(|slot| (slot.name.to_owned(), slot.info.clone())).collect();
     let metadata = Metadata::new(Some(extra), infos).map_err(io::Error::other)?;
     let mut bytes = serde_json::to_vec(&metadata).map_err(io::Error::other)?;
@@ -356,7 +913,12 @@ struct Job<'a> {
     kind: Kind,
     shape: Vec<i64>,
     range: Range<usize>,
+    /// The checksum the file stores.
     checksum: Option<u64>,
+    /// The hash recorded when a source file was first read.
+    recorded: Option<u64>,
+    /// Whether to hash the bytes as they are copied.
+    hash: bool,
 }
 
 /// Copies ranges of a mapped file into new tensors, window by window.
@@ -370,8 +932,9 @@ struct Copier<'a> {
 
 impl Copier<'_> {
     /// Makes the tensor `job` describes from its bytes in the file, verifying
-    /// its checksum if it has one, and releases the file's pages behind it.
-    fn tensor(&mut self, job: &Job<'_>, given: Option<Tensor>) -> Result<Tensor> {
+    /// its checksum and recorded hash if it has them, and releases the file's
+    /// pages behind it. Returns the tensor and, if computed, its bytes' xxh3.
+    fn tensor(&mut self, job: &Job<'_>, given: Option<Tensor>) -> Result<(Tensor, Option<u64>)> {
         let corrupt = |detail: String| Error::Corrupt { path: self.path.to_owned(), detail };
         let fresh = given.is_none();
         let tensor = match given {
@@ -379,7 +942,7 @@ impl Copier<'_> {
             None => Tensor::f_empty(job.shape.as_slice(), (job.kind, Device::Cpu))?,
         };
         assert_eq!(byte_len(&tensor), job.range.len(), "destination size checked by the caller");
-        let mut hasher = job.checksum.map(|_| Xxh3::new());
+        let mut hasher = job.hash.then(Xxh3::new);
         let dst = tensor.data_ptr().cast::<u8>();
         if fresh {
             self.prefer_huge_pages(dst, job.range.len());
@@ -411,8 +974,8 @@ impl Copier<'_> {
             self.release(pos..end);
             pos = end;
         }
-        if let (Some(want), Some(hasher)) = (job.checksum, hasher) {
-            let got = hasher.digest();
+        let got = hasher.map(|h| h.digest());
+        if let (Some(want), Some(got)) = (job.checksum, got) {
             if got != want {
                 return Err(corrupt(format!(
                     "checksum mismatch for tensor `{}`: stored {want:016x}, computed {got:016x}",
@@ -420,7 +983,16 @@ impl Copier<'_> {
                 )));
             }
         }
-        Ok(tensor)
+        if let (Some(want), Some(got)) = (job.recorded, got) {
+            if got != want {
+                return Err(corrupt(format!(
+                    "the file changed after the model was loaded from it: tensor `{}` does not have the \
+                     bytes read then (xxh3 {want:016x} then, {got:016x} now); sire does not reload a changed file",
+                    job.name
+                )));
+            }
+        }
+        Ok((tensor, got))
     }
 
     /// Faults in the pages of `range` in one go, where the kernel can.
@@ -497,12 +1069,28 @@ struct TempFile {
 }
 
 impl TempFile {
-    /// Creates (or truncates) the temporary file for `target`.
+    /// Creates the temporary file for `target`, mode 0600, with `O_EXCL`:
+    /// never through a symlink, never opening what is there. Whatever is
+    /// found at its path (a leftover of a failed write, or a symlink or FIFO
+    /// planted there) is unlinked (which removes the entry itself, never
+    /// what a link points to) and the file is created again, once.
     fn create(target: &Path) -> io::Result<Self> {
         let mut path = target.as_os_str().to_owned();
         path.push(".tmp");
         let path = PathBuf::from(path);
-        let file = File::create(&path)?;
+        let open = || {
+            OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(OPEN_FLAGS).open(&path)
+        };
+        let file = match open() {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                tracing::warn!(path = %path.display(), "replacing what was found at the temporary path");
+                fs::remove_file(&path)?;
+                open()?
+            }
+            other => other?,
+        };
+        // Exactly 0600 whatever the umask (it can only have taken bits away).
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
         Ok(Self { path, file, committed: false })
     }
 
@@ -510,11 +1098,7 @@ impl TempFile {
     fn commit(mut self, target: &Path) -> io::Result<()> {
         fs::rename(&self.path, target)?;
         self.committed = true;
-        let dir = match target.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
-        };
-        File::open(dir)?.sync_all()
+        File::open(parent_dir(target))?.sync_all()
     }
 }
 
@@ -860,6 +1444,246 @@ mod tests {
                 base / ours
             );
         }
+    }
+
+    /// The permission bits of `path` itself (not following a symlink).
+    fn mode_of(path: &Path) -> u32 {
+        fs::symlink_metadata(path).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn spill_file_carries_its_identity_and_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors = sample();
+        let mut file = SpillFile::new(dir.path(), 7);
+        assert_eq!(file.path(), dir.path().join("7.safetensors"));
+        file.write(&tensors).unwrap();
+        assert_eq!(mode_of(file.path()), 0o600);
+
+        let bytes = fs::read(file.path()).unwrap();
+        let (_, metadata) = SafeTensors::read_metadata(&bytes).unwrap();
+        let extra = metadata.metadata().as_ref().unwrap();
+        let instance = dir.path().file_name().unwrap().to_str().unwrap();
+        assert_eq!(extra[INSTANCE_KEY], instance);
+        assert_eq!(extra[MODEL_KEY], "7");
+        assert_eq!(extra[NONCE_KEY], format!("{:032x}", file.written.unwrap()));
+
+        let names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
+        let read = file.read_into(&names, None).unwrap();
+        for ((name, want), got) in tensors.iter().zip(&read) {
+            assert_eq!(raw(got), raw(want), "{name}");
+        }
+        // Each write draws a new nonce.
+        let first = file.written;
+        file.write(&tensors).unwrap();
+        assert_ne!(file.written, first);
+        assert!(file.read_into(&names, None).is_ok());
+    }
+
+    #[test]
+    fn a_file_not_written_for_this_model_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let other_dir = tempfile::tempdir().unwrap();
+        let names = strings(&["x"]);
+        let x = |v: f32| named(vec![("x", Tensor::full([16], v as f64, cpu(Kind::Float)))]);
+        let mut mine = SpillFile::new(dir.path(), 1);
+        let mut sibling = SpillFile::new(dir.path(), 2);
+        let mut foreign = SpillFile::new(other_dir.path(), 1);
+        mine.write(&x(1.0)).unwrap();
+        sibling.write(&x(2.0)).unwrap();
+        foreign.write(&x(3.0)).unwrap();
+        let good = fs::read(mine.path()).unwrap();
+
+        // Another model's valid file copied over this one.
+        fs::copy(sibling.path(), mine.path()).unwrap();
+        let detail = corrupt_detail(mine.read_into(&names, None));
+        assert!(detail.contains("belongs to model #2"), "{detail}");
+
+        // Another instance's file for the same model id.
+        fs::copy(foreign.path(), mine.path()).unwrap();
+        let detail = corrupt_detail(mine.read_into(&names, None));
+        assert!(detail.contains("another sire instance"), "{detail}");
+
+        // A forged file with valid checksums but no identity.
+        write(mine.path(), &x(4.0)).unwrap();
+        let detail = corrupt_detail(mine.read_into(&names, None));
+        assert!(detail.contains("names no owner"), "{detail}");
+
+        // A forged file with valid checksums and the right instance and model,
+        // but not this write's nonce (an older write of the same model too).
+        let forged = Identity { instance: mine.instance.clone(), model: 1, nonce: 42 };
+        write_with(mine.path(), &x(5.0), Some(&forged)).unwrap();
+        let detail = corrupt_detail(mine.read_into(&names, None));
+        assert!(detail.contains("nonce differs"), "{detail}");
+
+        // The genuine file is accepted again.
+        fs::write(mine.path(), &good).unwrap();
+        let got = mine.read_into(&names, None).unwrap();
+        assert!(got[0].equal(&x(1.0)[0].1));
+
+        // A model that never wrote its file reads nothing.
+        let fresh = SpillFile::new(dir.path(), 1);
+        let detail = corrupt_detail(fresh.read_into(&names, None));
+        assert!(detail.contains("never wrote"), "{detail}");
+    }
+
+    #[test]
+    fn symlinks_and_fifos_are_refused_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = strings(&["x"]);
+        let x = named(vec![("x", Tensor::ones([8], cpu(Kind::Float)))]);
+        let mut file = SpillFile::new(dir.path(), 3);
+        file.write(&x).unwrap();
+        let real = dir.path().join("real.safetensors");
+        fs::rename(file.path(), &real).unwrap();
+
+        // A symlink to the genuine file is still refused: never followed.
+        std::os::unix::fs::symlink(&real, file.path()).unwrap();
+        let detail = corrupt_detail(file.read_into(&names, None));
+        assert!(detail.contains("symbolic link"), "{detail}");
+        fs::remove_file(file.path()).unwrap();
+
+        // A FIFO is opened without blocking and refused.
+        make_fifo(file.path());
+        let detail = corrupt_detail(file.read_into(&names, None));
+        assert!(detail.contains("not a regular file"), "{detail}");
+    }
+
+    /// Makes a FIFO at `path` (with `mkfifo(1)`: no libc call in tests).
+    fn make_fifo(path: &Path) {
+        let ok = std::process::Command::new("mkfifo").arg(path).status().unwrap().success();
+        assert!(ok, "mkfifo {path:?}");
+    }
+
+    #[test]
+    fn what_is_planted_at_the_temporary_path_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("precious");
+        fs::write(&target, b"keep me").unwrap();
+        let x = named(vec![("x", Tensor::ones([8], cpu(Kind::Float)))]);
+        let mut file = SpillFile::new(dir.path(), 4);
+        let tmp = dir.path().join("4.safetensors.tmp");
+
+        std::os::unix::fs::symlink(&target, &tmp).unwrap();
+        file.write(&x).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"keep me");
+        assert!(!tmp.exists() && fs::symlink_metadata(&tmp).is_err(), "the planted link is gone");
+        assert!(file.read_into(&strings(&["x"]), None).is_ok());
+
+        make_fifo(&tmp);
+        file.write(&x).unwrap(); // returns: the FIFO is unlinked, not opened
+        assert!(file.read_into(&strings(&["x"]), None).is_ok());
+        assert_eq!(mode_of(file.path()), 0o600);
+    }
+
+    #[test]
+    fn a_folder_that_is_no_longer_private_is_not_written_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = SpillFile::new(dir.path(), 5);
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        let err = file.write(&sample()).unwrap_err();
+        assert!(matches!(&err, Error::Io(e) if e.kind() == io::ErrorKind::PermissionDenied), "{err:?}");
+        assert!(err.to_string().contains("no longer private"), "{err}");
+        assert!(!file.path().exists());
+    }
+
+    #[test]
+    fn a_source_file_that_changed_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("src.safetensors");
+        let (a, b) = (Tensor::randn([32], cpu(Kind::Float)), Tensor::randn([4, 4], cpu(Kind::Float)));
+        Tensor::write_safetensors(&[("a", &a), ("b", &b)], &path).unwrap();
+        let (names, tensors, source) = load_source(&path).unwrap();
+        assert_eq!(source.path(), fs::canonicalize(&path).unwrap());
+        assert_eq!(names.len(), 2);
+        assert!(tensors[names.iter().position(|n| n == "a").unwrap()].equal(&a));
+        let got = source.read_into(&strings(&["b", "a"]), None).unwrap();
+        assert!(got[0].equal(&b) && got[1].equal(&a));
+
+        // Same size, new bytes, the old modification time put back: the
+        // hash of the bytes read the first time catches it.
+        let before = fs::metadata(&path).unwrap().modified().unwrap();
+        let bytes = fs::read(&path).unwrap();
+        let mut changed = bytes.clone();
+        let last = changed.len() - 1;
+        changed[last] ^= 0x01;
+        fs::write(&path, &changed).unwrap();
+        File::options().write(true).open(&path).unwrap().set_modified(before).unwrap();
+        let detail = corrupt_detail(source.read_into(&strings(&["a", "b"]), None));
+        assert!(detail.contains("changed after the model was loaded"), "{detail}");
+
+        // Same bytes, a new modification time: refused before any copy.
+        fs::write(&path, &bytes).unwrap();
+        let detail = corrupt_detail(source.read_into(&strings(&["a"]), None));
+        assert!(detail.contains("modified at"), "{detail}");
+
+        // Put back exactly: accepted.
+        File::options().write(true).open(&path).unwrap().set_modified(before).unwrap();
+        assert!(source.read_into(&strings(&["a"]), None).is_ok());
+    }
+
+    #[test]
+    fn disk_full_is_recognised() {
+        assert!(is_disk_full(&io::Error::from_raw_os_error(libc::ENOSPC)));
+        assert!(is_disk_full(&io::Error::from_raw_os_error(libc::EDQUOT)));
+        assert!(!is_disk_full(&io::Error::from_raw_os_error(libc::EIO)));
+    }
+
+    #[test]
+    fn private_dir_is_0700_locked_and_removed_on_drop() {
+        let root = tempfile::tempdir().unwrap();
+        let a = PrivateDir::create(root.path()).unwrap();
+        let b = PrivateDir::create(root.path()).unwrap();
+        assert_ne!(a.path(), b.path());
+        for d in [&a, &b] {
+            assert!(d.path().is_absolute());
+            let name = d.path().file_name().unwrap().to_str().unwrap();
+            assert!(name.starts_with("sire-") && name.len() == 5 + 32, "{name}");
+            assert_eq!(mode_of(d.path()), 0o700);
+            assert_eq!(fs::read_dir(d.path()).unwrap().count(), 0, "nothing but spill files inside");
+        }
+        // Both live: nothing to reclaim, even from this same process.
+        assert_eq!(reclaim(root.path()), 0);
+        let path = a.path().to_owned();
+        drop(a);
+        assert!(!path.exists());
+        assert!(b.path().exists());
+        // No hidden set-up folder left behind.
+        assert_eq!(fs::read_dir(root.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn reclaim_removes_only_dead_private_folders_of_this_user() {
+        let root = tempfile::tempdir().unwrap();
+        let folder = |hex: &str, mode: u32| {
+            let p = root.path().join(format!("sire-{hex}"));
+            fs::create_dir(&p).unwrap();
+            fs::write(p.join("1.safetensors"), b"weights").unwrap();
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+            p
+        };
+        let dead = folder(&"a".repeat(32), 0o700);
+        let held = folder(&"b".repeat(32), 0o700);
+        let open = folder(&"c".repeat(32), 0o755);
+        let other_name = folder("12-3", 0o700);
+        let outside = tempfile::tempdir().unwrap();
+        fs::set_permissions(outside.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::write(outside.path().join("keep"), b"").unwrap();
+        let link = root.path().join(format!("sire-{}", "e".repeat(32)));
+        std::os::unix::fs::symlink(outside.path(), &link).unwrap();
+
+        let holder = File::open(&held).unwrap();
+        holder.try_lock().unwrap();
+        assert_eq!(reclaim(root.path()), 1);
+        assert!(!dead.exists());
+        for kept in [&held, &open, &other_name] {
+            assert!(kept.join("1.safetensors").exists(), "{kept:?}");
+        }
+        assert!(fs::symlink_metadata(&link).is_ok() && outside.path().join("keep").exists());
+        drop(holder);
+        assert_eq!(reclaim(root.path()), 1);
+        assert!(!held.exists());
     }
 
     #[test]
