@@ -190,17 +190,28 @@ impl SharedModelManager {
         let m = self.typed::<T>(id)?;
         let deadline = Deadline::after(self.inner.pools.inner.wait_timeout);
         let (mut permit, admit) = self.inner.turn.enter_async(id, deadline).await?;
-        if let Admit::Switch { prev } = &admit {
+        let Admit::Switch { prev } = admit else {
+            let guard = crate::auto_manage_async(&m).await?;
+            return Ok(ExclusiveGuard { guard, _permit: permit, id: id.to_string() });
+        };
+        // The switch (offload the previous occupant, load this model) runs as
+        // one task on the blocking pool that owns the turn: if this future is
+        // dropped meanwhile, the switch still ends before the turn passes on
+        // (then the guard and the turn are dropped), so the next switch never
+        // races a load that is still under way.
+        let prev = prev.map(|p| self.model(&p)).transpose()?;
+        let (turn, id_owned) = (self.inner.turn.clone(), id.to_string());
+        let timeout = self.inner.pools.inner.wait_timeout;
+        let (guard, permit) = crate::asyncs::blocking(move || -> Result<_> {
             if let Some(prev) = prev {
-                let prev = self.model(prev)?;
-                crate::asyncs::blocking(move || offload_within(&*prev, deadline)).await??;
+                offload_within(&*prev, deadline)?;
             }
-            // From here on `id` may be on the device, even if this future is
-            // dropped while it loads: the next switch offloads it.
-            self.inner.turn.occupy(id);
-        }
-        let guard = crate::auto_manage_async(&m).await?;
-        permit.switched();
+            turn.occupy(&id_owned);
+            let guard = m.owned_timeout(timeout)?;
+            permit.switched();
+            Ok((guard, permit))
+        })
+        .await??;
         Ok(ExclusiveGuard { guard, _permit: permit, id: id.to_string() })
     }
 
@@ -318,8 +329,10 @@ struct Turnstile {
 struct TurnState {
     queue: VecDeque<(u64, String)>,
     next_ticket: u64,
-    /// The threads of the admitted fetches not yet dropped, one entry each.
-    holders: Vec<ThreadId>,
+    /// The admitted fetches not yet dropped, one entry each: the thread of a
+    /// blocking fetch, `None` for an async one (a task may run on any thread,
+    /// so it never counts as nested).
+    holders: Vec<Option<ThreadId>>,
     /// The model the holders use.
     current: Option<String>,
     /// The first holder is offloading the previous occupant and loading `current`.
@@ -354,12 +367,11 @@ impl Turnstile {
     /// device is free or used by the same model (and no switch is under way),
     /// or at once when this thread already holds the model in use (a nested
     /// fetch must not wait behind a fetch that waits for it).
-    fn try_admit(&self, st: &mut TurnState, ticket: u64) -> Option<Admit> {
-        let me = std::thread::current().id();
+    fn try_admit(&self, st: &mut TurnState, ticket: u64, me: Option<ThreadId>) -> Option<Admit> {
         let pos = st.queue.iter().position(|(t, _)| *t == ticket)?;
         let id = &st.queue[pos].1;
         let same = !st.switching && st.current.as_ref() == Some(id);
-        let nested = same && st.holders.contains(&me);
+        let nested = same && me.is_some() && st.holders.contains(&me);
         if !nested && (pos != 0 || (!st.holders.is_empty() && !same)) {
             return None;
         }
@@ -375,12 +387,8 @@ impl Turnstile {
         Some(admit)
     }
 
-    fn permit(self: &Arc<Self>, admit: &Admit) -> Permit {
-        Permit {
-            turn: self.clone(),
-            switching: matches!(admit, Admit::Switch { .. }),
-            thread: std::thread::current().id(),
-        }
+    fn permit(self: &Arc<Self>, admit: &Admit, holder: Option<ThreadId>) -> Permit {
+        Permit { turn: self.clone(), switching: matches!(admit, Admit::Switch { .. }), holder }
     }
 
     /// The error of a fetch that waited for its turn until `deadline`.
@@ -392,28 +400,32 @@ impl Turnstile {
     }
 
     fn enter_blocking(self: &Arc<Self>, id: &str, deadline: Deadline) -> Result<(Permit, Admit)> {
+        let me = Some(std::thread::current().id());
         let mut st = self.state.lock();
         let ticket = self.take_ticket(&mut st, id);
+        let mut last = false;
         loop {
-            if let Some(admit) = self.try_admit(&mut st, ticket) {
+            // Admitted even by the last look after the deadline: an admission
+            // is never taken and then dropped.
+            if let Some(admit) = self.try_admit(&mut st, ticket, me) {
                 drop(st);
                 self.wake(); // the next in line may join
-                return Ok((self.permit(&admit), admit));
+                return Ok((self.permit(&admit, me), admit));
             }
-            let timed_out = match deadline.instant() {
-                Some(at) => self.cond.wait_until(&mut st, at).timed_out(),
-                None => {
-                    self.cond.wait(&mut st);
-                    false
-                }
-            };
-            if timed_out && self.try_admit(&mut st, ticket).is_none() {
+            if last {
                 st.queue.retain(|(t, _)| *t != ticket);
                 let err = self.gave_up(id, &st);
                 drop(st);
                 self.wake(); // the head may have changed
                 return Err(err);
             }
+            last = match deadline.instant() {
+                Some(at) => self.cond.wait_until(&mut st, at).timed_out(),
+                None => {
+                    self.cond.wait(&mut st);
+                    false
+                }
+            };
         }
     }
 
@@ -428,12 +440,12 @@ impl Turnstile {
             notified.as_mut().enable();
             let admitted = {
                 let mut st = self.state.lock();
-                self.try_admit(&mut st, ticket)
+                self.try_admit(&mut st, ticket, None)
             };
             if let Some(admit) = admitted {
                 queued.admitted = true;
                 self.wake();
-                return Ok((self.permit(&admit), admit));
+                return Ok((self.permit(&admit, None), admit));
             }
             match until {
                 Some(at) => {
@@ -477,8 +489,8 @@ struct Permit {
     turn: Arc<Turnstile>,
     /// This holder is switching the device to its model (and has not finished).
     switching: bool,
-    /// The thread it was admitted on.
-    thread: ThreadId,
+    /// How it is counted among the holders (see `TurnState::holders`).
+    holder: Option<ThreadId>,
 }
 
 impl Permit {
@@ -495,7 +507,7 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         let mut st = self.turn.state.lock();
-        if let Some(i) = st.holders.iter().position(|t| *t == self.thread) {
+        if let Some(i) = st.holders.iter().position(|t| *t == self.holder) {
             st.holders.swap_remove(i);
         }
         if self.switching {
@@ -503,5 +515,154 @@ impl Drop for Permit {
         }
         drop(st);
         self.turn.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Regressions for the findings of the rebuild's review: the turnstile's
+    //! admission at the deadline, async fetches and variant guards never
+    //! "nested" by thread, a cancelled switch that ends before the next.
+    use super::*;
+    use crate::{ResourcePoolManagement, TensorSet};
+    use tch::{kind::FLOAT_CPU, Tensor};
+
+    /// The holder's drop (here stretched) holds the turnstile's lock across the
+    /// waiter's deadline: the waiter wakes timed out, the final `try_admit`
+    /// admits it, and its result is thrown away.
+    #[test]
+    fn an_admission_at_the_deadline_is_not_leaked() {
+        let turn = Arc::new(Turnstile::default());
+        let (p1, _) = turn.enter_blocking("a", Deadline::after(Duration::from_secs(5))).unwrap();
+        let t = turn.clone();
+        let waiter = std::thread::spawn(move || {
+            t.enter_blocking("b", Deadline::after(Duration::from_millis(100))).map(drop).is_ok()
+        });
+        std::thread::sleep(Duration::from_millis(30));
+        {
+            let mut st = turn.state.lock();
+            std::thread::sleep(Duration::from_millis(300)); // the waiter's deadline passes
+            let me = std::thread::current().id();
+            let i = st.holders.iter().position(|x| *x == Some(me)).unwrap();
+            st.holders.swap_remove(i); // what `Permit::drop` does
+        }
+        std::mem::forget(p1);
+        turn.wake();
+        let ok = waiter.join().unwrap();
+        let (holders, switching) = {
+            let st = turn.state.lock();
+            (st.holders.len(), st.switching)
+        };
+        let next = turn.enter_blocking("c", Deadline::after(Duration::from_millis(200))).is_ok();
+        assert!(
+            ok || (holders == 0 && next),
+            "fetch of b failed but left {holders} holder(s), switching={switching}; later fetch of c admitted: {next}"
+        );
+    }
+
+    fn w(v: f64) -> TensorSet {
+        TensorSet::new([("w", Tensor::full([4], v, FLOAT_CPU))]).unwrap()
+    }
+
+    #[cfg(feature = "tokio")]
+    #[test]
+    fn an_async_fetch_on_the_holders_thread_does_not_jump_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let pools = ResourcePoolManagement::builder()
+            .cuda(false)
+            .env(false)
+            .spill_dir(dir.path())
+            .wait_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        let shared = SharedModelManager::with_pools(pools);
+        let a = shared.add(w(1.0)).unwrap();
+        let b = shared.add(w(2.0)).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let g1 = shared.fetch_model_async::<TensorSet>(&a).await.unwrap();
+            let (s, b2) = (shared.clone(), b.clone());
+            let other = std::thread::spawn(move || s.fetch_model::<TensorSet>(&b2).map(drop));
+            tokio::time::sleep(Duration::from_millis(100)).await; // `b` is queued
+            let (s2, a2) = (shared.clone(), a.clone());
+            let second = tokio::spawn(async move { s2.fetch_model_async::<TensorSet>(&a2).await.map(drop) });
+            let jumped = tokio::time::timeout(Duration::from_millis(100), second).await.is_ok();
+            drop(g1);
+            let _ = tokio::task::spawn_blocking(move || other.join()).await;
+            assert!(!jumped, "another task's fetch of `a` was admitted ahead of the queued fetch of `b`");
+        });
+    }
+
+    #[cfg(feature = "tokio")]
+    #[test]
+    fn an_async_variant_guard_does_not_jump_a_queued_variant() {
+        use crate::Commit;
+        let dir = tempfile::tempdir().unwrap();
+        let pools = ResourcePoolManagement::builder()
+            .cuda(false)
+            .env(false)
+            .spill_dir(dir.path())
+            .wait_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        let m = pools.manage(w(0.0)).unwrap();
+        let a = m.variant();
+        a.commit(Commit::delta("w", Tensor::ones([4], FLOAT_CPU))).unwrap();
+        let b = m.variant();
+        b.commit(Commit::delta("w", Tensor::full([4], 2.0, FLOAT_CPU))).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let g1 = crate::auto_manage_async(&a).await.unwrap(); // admitted on the blocking thread
+            let b2 = b.clone();
+            let other =
+                std::thread::spawn(move || crate::auto_manage_timeout(&b2, Duration::from_secs(2)).map(drop));
+            tokio::time::sleep(Duration::from_millis(100)).await; // `b` is queued
+            let a2 = a.clone();
+            let second = tokio::spawn(async move { crate::auto_manage_async(&a2).await.map(drop) });
+            let jumped = tokio::time::timeout(Duration::from_millis(100), second).await.is_ok();
+            drop(g1);
+            let _ = std::thread::spawn(move || other.join()).join();
+            assert!(!jumped, "another task's guard on variant a was admitted ahead of the queued variant b");
+        });
+    }
+
+    /// A fetch cancelled while its load attempt makes room (evicting another
+    /// model) lets the next switch find its model off the device; the orphaned
+    /// attempt then loads it anyway.
+    #[cfg(feature = "tokio")]
+    #[test]
+    fn a_fetch_cancelled_while_making_room_leaves_one_model() {
+        const MIB: i64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let pools = ResourcePoolManagement::builder()
+            .cuda(false)
+            .env(false)
+            .cpu_budget((256 + 6) << 20)
+            .spill_dir(dir.path())
+            .wait_timeout(Duration::from_secs(20))
+            .build()
+            .unwrap();
+        let shared = SharedModelManager::with_pools(pools.clone());
+        let big = |n: i64| TensorSet::new([("w", Tensor::ones([n * MIB / 4], FLOAT_CPU))]).unwrap();
+        let b = shared.add(big(8)).unwrap();
+        let c = shared.add(big(8)).unwrap();
+        let x = pools.manage(big(256)).unwrap(); // idle, resident: B's load must evict it (a 256 MiB write)
+        assert_eq!(x.location(), Location::Cpu);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let r = tokio::time::timeout(Duration::from_millis(5), shared.fetch_model_async::<TensorSet>(&b))
+                .await;
+            assert!(r.is_err(), "the fetch of b should still be making room");
+        });
+        let g = shared.fetch_model::<TensorSet>(&c).unwrap();
+        std::thread::sleep(Duration::from_millis(1500)); // the orphaned attempt ends
+        let (lb, lc) = (shared.model_location(&b).unwrap(), shared.model_location(&c).unwrap());
+        drop(g);
+        assert!(!(lb == Location::Cpu && lc == Location::Cpu), "b and c both on the shared device (cpu)");
     }
 }

@@ -68,6 +68,12 @@ impl<T> Drop for Shared<T> {
     }
 }
 
+/// A borrowed guard's taker: counted by its thread (a nested guard of the
+/// same stack on this thread is admitted at once).
+const BORROWED: variant::Taker<'static> = variant::Taker { borrowed: true, cancel: None };
+/// An owned hold's taker (a batch): never nested.
+const OWNED: variant::Taker<'static> = variant::Taker { borrowed: false, cancel: None };
+
 /// How a guard holds its model.
 enum Hold<'a> {
     /// A plain use (a model without commits).
@@ -93,8 +99,8 @@ impl Hold<'_> {
 #[derive(Debug, Clone, Copy)]
 enum Owned {
     Plain,
-    /// Admitted on this thread.
-    Commit(ThreadId),
+    /// Through the commit path, counted among the holders as this.
+    Commit(Option<ThreadId>),
 }
 
 impl<T> Clone for Managed<T> {
@@ -186,9 +192,9 @@ impl<T> Managed<T> {
     }
 
     /// Takes a use, through the commit path when the model has commits
-    /// (see `patch/commit.rs`).
+    /// (see `patch/commit.rs`), for a borrowed guard or an owned one (`taker`).
     #[inline]
-    fn acquire(&self, wait: Wait) -> Result<Hold<'_>> {
+    fn acquire(&self, wait: Wait, taker: variant::Taker<'_>) -> Result<Hold<'_>> {
         let s = &*self.shared;
         if !s.commits.is_active() {
             let used = s.pools.inner.acquire(&s.core, wait)?;
@@ -199,7 +205,7 @@ impl<T> Managed<T> {
             // The model got its first commit meanwhile: take the commit path.
             drop(used);
         }
-        let hold = variant::acquire(&s.pools.inner, &s.core, &s.commits, &self.stack, wait)?;
+        let hold = variant::acquire(&s.pools.inner, &s.core, &s.commits, &self.stack, wait, taker)?;
         s.notice_moves();
         Ok(Hold::Commit(hold))
     }
@@ -312,13 +318,13 @@ pub fn auto_manage<T>(m: &Managed<T>) -> Result<Guard<'_, T>> {
 /// Like [`auto_manage`], waiting at most `timeout` for room.
 /// A timeout too large to represent as an instant (`Duration::MAX`) waits forever.
 pub fn auto_manage_timeout<T>(m: &Managed<T>, timeout: Duration) -> Result<Guard<'_, T>> {
-    let hold = m.acquire(Wait::timeout(timeout))?;
+    let hold = m.acquire(Wait::timeout(timeout), BORROWED)?;
     Ok(Guard { shared: &m.shared, _hold: hold })
 }
 
 /// Like [`auto_manage`], but never waits: fails at once if room is held by models in use.
 pub fn try_auto_manage<T>(m: &Managed<T>) -> Result<Guard<'_, T>> {
-    let hold = m.acquire(Wait::No)?;
+    let hold = m.acquire(Wait::No, BORROWED)?;
     Ok(Guard { shared: &m.shared, _hold: hold })
 }
 
@@ -505,6 +511,7 @@ pub fn auto_manage_all(models: &[ModelHandle]) -> Result<Batch> {
                 m.keep.commits(),
                 &m.stack,
                 wait,
+                OWNED,
             )?));
         } else {
             holds.push(Hold::Plain(used));
@@ -655,7 +662,18 @@ impl<T> Managed<T> {
 
     /// [`auto_manage_owned`] with a timeout.
     pub(crate) fn owned_timeout(&self, timeout: Duration) -> Result<OwnedGuard<T>> {
-        let hold = self.acquire(Wait::timeout(timeout))?.into_owned();
+        self.owned_cancellable(timeout, None)
+    }
+
+    /// [`Managed::owned_timeout`] for a caller that may give up: once `cancel`
+    /// is set, a wait for a variant's turn ends and nothing more is taken.
+    pub(crate) fn owned_cancellable(
+        &self,
+        timeout: Duration,
+        cancel: Option<&std::sync::atomic::AtomicBool>,
+    ) -> Result<OwnedGuard<T>> {
+        let taker = variant::Taker { borrowed: false, cancel };
+        let hold = self.acquire(Wait::timeout(timeout), taker)?.into_owned();
         Ok(OwnedGuard { shared: self.shared.clone(), hold })
     }
 }

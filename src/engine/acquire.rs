@@ -201,7 +201,7 @@ impl Engine {
                 match self.room(&mut lk, loc, n, &ids, &failed, phys.get(&loc).copied()) {
                     Room::Free => continue,
                     Room::Evict(victims) => {
-                        let claims = self.claim(&mut lk, &victims, loc);
+                        let claims = self.claim_victims(&mut lk, &victims, loc, &mut failed);
                         for (id, e) in self.run_evictions(&mut lk, claims) {
                             // A victim that cannot leave is passed over from now on.
                             failed.push(id);
@@ -370,11 +370,9 @@ impl Engine {
             .iter()
             .zip(&mut datas)
             .zip(staged)
-            .map(|((l, d), s)| {
-                if let Some(staged) = s? {
-                    self.transfer.finish(&cores[l.index], d, staged, &self.counters);
-                }
-                Ok(())
+            .map(|((l, d), s)| match s? {
+                Some(staged) => self.transfer.finish(&cores[l.index], d, staged, &self.counters),
+                None => Ok(()),
             })
             .collect()
     }

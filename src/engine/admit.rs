@@ -119,7 +119,7 @@ impl Engine {
                     return Ok(());
                 }
                 Room::Evict(victims) => {
-                    let claims = self.claim(&mut lk, &victims, Location::Cpu);
+                    let claims = self.claim_victims(&mut lk, &victims, Location::Cpu, &mut failed);
                     failed.extend(self.run_evictions(&mut lk, claims).into_iter().map(|(id, _)| id));
                 }
                 _ => break,

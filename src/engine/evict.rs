@@ -69,6 +69,9 @@ impl Engine {
                 }
                 let spill =
                     loc == Location::Cpu || (c.offload == Location::Disk && c.runtime() == Location::Cpu);
+                if spill && lk.pool(Location::Disk).is_none() {
+                    return None; // nowhere to put it (as `claim` decides)
+                }
                 let write = if spill { disk_write(c, r).1 } else { 0 };
                 Some(Candidate {
                     id: c.id,
@@ -99,6 +102,27 @@ impl Engine {
         let view =
             PoolView { budget: p.budget, used: p.used(), physical, busy, disk_free: lk.free(Location::Disk) };
         policy::room(view, need, self.candidates(lk, loc, exclude, failed))
+    }
+
+    /// Claims the policy's victims (see [`Engine::claim`]). A victim refused
+    /// for another reason than a guard arriving first is added to `failed`,
+    /// so that no plan repeats for ever under the lock.
+    pub(super) fn claim_victims<'a>(
+        &'a self,
+        lk: &mut Locked<'a>,
+        victims: &[u64],
+        from: Location,
+        failed: &mut Vec<u64>,
+    ) -> Vec<Claim<'a>> {
+        let claims = self.claim(lk, victims, from);
+        for &v in victims {
+            let claimed = claims.iter().any(|c| c.reservation.core.id == v);
+            let busy = lk.get(v).is_some_and(|e| e.moving || e.core.uses_for_waiter() > 0);
+            if !claimed && !busy {
+                failed.push(v);
+            }
+        }
+        claims
     }
 
     /// Claims victims for eviction from `from`: each is marked moving with the

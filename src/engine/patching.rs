@@ -29,7 +29,7 @@ impl Engine {
                     return Ok(());
                 }
                 Room::Evict(victims) => {
-                    let claims = self.claim(&mut lk, &victims, loc);
+                    let claims = self.claim_victims(&mut lk, &victims, loc, &mut failed);
                     failed.extend(self.run_evictions(&mut lk, claims).into_iter().map(|(id, _)| id));
                 }
                 Room::Wait => {

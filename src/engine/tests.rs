@@ -580,3 +580,36 @@ mod cuda {
         p.inner.check_invariants();
     }
 }
+
+/// Regressions for the findings of the rebuild's review.
+mod review {
+    use super::*;
+
+    /// GPU pools, no disk tier, a CUDA model read from a safetensors file in
+    /// host memory: the policy picks it as a host victim (its write is 0),
+    /// `claim` refuses it (a spill needs the disk pool), and room-making loops.
+    #[test]
+    fn a_source_backed_victim_without_a_disk_tier_does_not_spin() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.safetensors");
+        crate::tier::spill::write(&path, &[("w".to_string(), Tensor::zeros([1024], tch::kind::FLOAT_CPU))])
+            .unwrap();
+        let e = Arc::new(Engine::new(
+            vec![(Location::Cuda(0), 1 << 30), (Location::Cpu, 6 * KIB)],
+            None,
+            Duration::from_millis(200),
+        ));
+        let a = TensorSet::from_safetensors(&path).unwrap();
+        let _ca = e.register(&a, ManageOptions::new().runtime(Location::Cuda(0))).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let e2 = e.clone();
+        std::thread::spawn(move || {
+            let b = TensorSet::new([("w", Tensor::zeros([1024], tch::kind::FLOAT_CPU))]).unwrap();
+            let r = e2.register(&b, ManageOptions::new().runtime(Location::Cuda(0))).map(|_| ());
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+        });
+        let got = rx.recv_timeout(Duration::from_secs(5));
+        assert!(got.is_ok(), "registering b never returns (room-making spins under the engine's lock)");
+        eprintln!("register b: {:?}", got.unwrap());
+    }
+}

@@ -338,14 +338,33 @@ impl Transfer {
     }
 
     /// Second half of a load, after the copies completed: points the weights
-    /// at them, keeping the host copies as homes. Infallible.
-    pub(crate) fn finish(&self, c: &ModelCore, d: &mut ModelData, staged: Staged, counters: &Counters) {
-        d.homes = d.groups.iter().map(|g| g.current().detach()).collect();
-        for (g, t) in d.groups.iter_mut().zip(&staged.copies) {
-            g.set_data(t);
+    /// at them, keeping the host copies as homes. If that panics (libtorch
+    /// raising inside `set_data`), every group is pointed back at its home and
+    /// the load fails: the model is whole in host memory.
+    pub(crate) fn finish(
+        &self,
+        c: &ModelCore,
+        d: &mut ModelData,
+        staged: Staged,
+        counters: &Counters,
+    ) -> Result<()> {
+        let homes: Vec<Tensor> = d.groups.iter().map(|g| g.current().detach()).collect();
+        let swapped = unwind_safe(&c.name, || {
+            for (g, t) in d.groups.iter_mut().zip(&staged.copies) {
+                g.set_data(t);
+            }
+            Ok(())
+        });
+        if let Err(e) = swapped {
+            for (g, home) in d.groups.iter_mut().zip(&homes) {
+                g.set_data(home);
+            }
+            return Err(e);
         }
+        d.homes = homes;
         d.dev_versions = d.groups.iter().map(Group::version).collect();
         counters.bytes_h2d.fetch_add(c.bytes, Relaxed);
+        Ok(())
     }
 }
 
@@ -416,6 +435,16 @@ pub(crate) fn record_for_consumer(t: &Tensor) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Inside a prefetch: makes the current (side) stream wait for the work the
+/// caller has queued on the device of `t`, before writing a buffer the
+/// caller's kernels may still read (a patch buffer rewritten by a rebase).
+pub(crate) fn wait_for_consumer_of(t: &Tensor) -> Result<()> {
+    match t.device() {
+        Device::Cuda(i) => wait_for_consumer(i),
+        _ => Ok(()),
+    }
 }
 
 /// Inside a prefetch: makes the current (side) stream on `device` wait for the

@@ -63,7 +63,7 @@ impl Patches {
 }
 
 /// Bytes the patch machinery holds: a buffer per patched weight, plus its spare.
-fn held(groups: &[Group], p: &Patches) -> u64 {
+pub(super) fn held(groups: &[Group], p: &Patches) -> u64 {
     p.groups.iter().map(|(&g, gp)| groups[g].bytes * (1 + gp.spare.is_some() as u64)).sum()
 }
 
@@ -227,6 +227,13 @@ pub(super) fn rebase(
     let mut news: Vec<(usize, Tensor)> = Vec::new();
     let mut rewritten: Vec<usize> = Vec::new();
     let mut spoiled: Vec<usize> = Vec::new();
+    // Inside a prefetch (a side stream), the caller's kernels may still read
+    // the buffers rewritten in place below: wait for them first.
+    let rewrites =
+        plan.iter().any(|(_, a)| matches!(a, Action::Extend(_) | Action::InPlace | Action::IntoSpare));
+    if let Some((g, _)) = plan.first().filter(|_| rewrites) {
+        crate::engine::transfer::wait_for_consumer_of(groups[*g].current())?;
+    }
     let mut closure_log: Vec<(ClosureFn, bool)> = Vec::new(); // (inverse to run on rollback, was apply)
     let mut weights = || -> Result<()> {
         for (g, action) in &plan {
@@ -340,9 +347,10 @@ pub(super) fn rebase(
     p.closures = desired.to_vec();
     p.synced = Some(desired.clone());
     debug_assert_eq!(held(groups, p), bytes_after);
-    if bytes_after < charged {
-        charge(bytes_after, false);
-    }
+    // Exactly what is held now: this also gives back room that another
+    // guard of this stack reserved for the same rebase and did not use.
+    let _ = charged;
+    charge(bytes_after, false);
     Ok(())
 }
 

@@ -34,8 +34,11 @@ pub(crate) struct ModelCommits {
 
 #[derive(Default)]
 struct Admissions {
-    /// The threads of the admitted guards (all want `current`), one entry each.
-    holders: Vec<ThreadId>,
+    /// The admitted guards (all want `current`), one entry each: the thread
+    /// of a borrowed guard, `None` for an owned one (an owned guard, a batch, a
+    /// prefetch or an async acquire may live on any thread, so it never makes
+    /// a later guard "nested").
+    holders: Vec<Option<ThreadId>>,
     /// Guards waiting, in arrival order: ticket and wanted stack.
     queue: VecDeque<(u64, Snapshot)>,
     next_ticket: u64,
@@ -71,9 +74,15 @@ impl ModelCommits {
     /// when this thread already holds the model with that stack (a nested
     /// guard); it takes a free model when nobody wanting another stack is ahead
     /// of it. Otherwise it queues until its deadline.
-    fn admit(&self, model: &str, desired: &Snapshot, wait: Wait) -> Result<Admission<'_>> {
+    fn admit(
+        &self,
+        model: &str,
+        desired: &Snapshot,
+        wait: Wait,
+        me: Option<ThreadId>,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Admission<'_>> {
         let wait = wait.start();
-        let me = std::thread::current().id();
         let mut s = self.lock.lock();
         let mut ticket = None;
         let res = loop {
@@ -85,24 +94,30 @@ impl ModelCommits {
             let ok = if s.holders.is_empty() {
                 !ahead_differs || matches!(wait, Wait::No)
             } else {
-                same && (!ahead_differs || s.holders.contains(&me))
+                same && (!ahead_differs || (me.is_some() && s.holders.contains(&me)))
             };
             if ok {
                 break Ok(());
             }
+            let cancelled = cancel.is_some_and(|c| c.load(SeqCst));
             let waited = match wait.deadline() {
-                Some(d) if !d.passed() => {
+                Some(d) if !d.passed() && !cancelled => {
                     if ticket.is_none() {
                         let t = s.next_ticket;
                         s.next_ticket += 1;
                         s.queue.push_back((t, desired.clone()));
                         ticket = Some(t);
                     }
-                    match d.instant() {
-                        Some(at) => {
+                    // A cancellable waiter looks at its flag at least every 10 ms.
+                    let slice = cancel.map(|_| std::time::Instant::now() + Duration::from_millis(10));
+                    match (d.instant(), slice) {
+                        (Some(at), Some(sl)) => {
+                            self.cond.wait_until(&mut s, at.min(sl));
+                        }
+                        (Some(at), None) | (None, Some(at)) => {
                             self.cond.wait_until(&mut s, at);
                         }
-                        None => self.cond.wait(&mut s),
+                        (None, None) => self.cond.wait(&mut s),
                     }
                     continue;
                 }
@@ -123,7 +138,7 @@ impl ModelCommits {
                 if !s.queue.is_empty() {
                     self.cond.notify_all(); // waiters wanting the same stack may join
                 }
-                Ok(Admission { mc: self, thread: me })
+                Ok(Admission { mc: self, holder: me })
             }
             Err(waited) => {
                 // Others may have queued behind this one.
@@ -137,9 +152,9 @@ impl ModelCommits {
         }
     }
 
-    fn leave(&self, thread: ThreadId) {
+    fn leave(&self, holder: Option<ThreadId>) {
         let mut s = self.lock.lock();
-        if let Some(i) = s.holders.iter().position(|t| *t == thread) {
+        if let Some(i) = s.holders.iter().position(|t| *t == holder) {
             s.holders.swap_remove(i);
         }
         if s.holders.is_empty() && !s.queue.is_empty() {
@@ -151,12 +166,12 @@ impl ModelCommits {
 /// An admitted guard's place among the holders; leaves on drop.
 struct Admission<'a> {
     mc: &'a ModelCommits,
-    thread: ThreadId,
+    holder: Option<ThreadId>,
 }
 
 impl Drop for Admission<'_> {
     fn drop(&mut self) {
-        self.mc.leave(self.thread);
+        self.mc.leave(self.holder);
     }
 }
 
@@ -180,19 +195,30 @@ pub(crate) struct CommitHold<'a> {
 
 impl CommitHold<'_> {
     /// Hands the hold over to an owner that releases it with [`release`],
-    /// giving the thread it was admitted on.
-    pub(crate) fn forget(self) -> ThreadId {
-        let thread = self.admission.thread;
+    /// giving how it was counted among the holders.
+    pub(crate) fn forget(self) -> Option<ThreadId> {
+        let holder = self.admission.holder;
         std::mem::forget(self);
-        thread
+        holder
     }
 }
 
 /// Gives back a hold handed over by [`CommitHold::forget`].
-pub(crate) fn release(engine: &Engine, core: &ModelCore, mc: &ModelCommits, thread: ThreadId) {
+pub(crate) fn release(engine: &Engine, core: &ModelCore, mc: &ModelCommits, holder: Option<ThreadId>) {
     mc.engaged.fetch_sub(1, SeqCst);
     engine.release(core);
-    mc.leave(thread);
+    mc.leave(holder);
+}
+
+/// Who takes a hold: a borrowed guard on this thread (a later guard of the
+/// same stack on this thread nests at once), or an owned one (no nesting);
+/// and, for an async caller, the flag its dropped future sets.
+#[derive(Clone, Copy)]
+pub(crate) struct Taker<'c> {
+    /// A borrowed guard, counted by its thread.
+    pub borrowed: bool,
+    /// Set when the caller gave up (its future was dropped): stop waiting and take nothing.
+    pub cancel: Option<&'c AtomicBool>,
 }
 
 /// Takes a use of the model with `stack` applied on it (the guard slow path).
@@ -202,13 +228,23 @@ pub(crate) fn acquire<'a>(
     mc: &'a ModelCommits,
     stack: &Stack,
     wait: Wait,
+    taker: Taker<'_>,
 ) -> Result<CommitHold<'a>> {
     let wait = wait.start();
     let desired = stack.snapshot();
-    let admission = mc.admit(&core.name, &desired, wait)?;
+    let me = taker.borrowed.then(|| std::thread::current().id());
+    let admission = mc.admit(&core.name, &desired, wait, me, taker.cancel)?;
+    let cancelled = || taker.cancel.is_some_and(|c| c.load(SeqCst));
+    let gone = || Error::InUse { model: core.name.clone(), guards: 0 };
+    if cancelled() {
+        return Err(gone());
+    }
     let used = engine.acquire(core, wait)?;
     mc.engaged.fetch_add(1, SeqCst);
     let hold = CommitHold { _engaged: Engaged(mc), _use: used, admission };
+    if cancelled() {
+        return Err(gone()); // nobody waits for it: no rebase
+    }
     sync(engine, core, mc, &desired, wait)?;
     Ok(hold)
 }
@@ -220,6 +256,27 @@ pub(crate) fn acquire<'a>(
 /// locked and the rebase runs.
 fn sync(engine: &Engine, core: &ModelCore, mc: &ModelCommits, desired: &Snapshot, wait: Wait) -> Result<()> {
     let wait = wait.start();
+    let mut reserved = false;
+    let res = sync_steps(engine, core, mc, desired, wait, &mut reserved);
+    if res.is_err() && reserved {
+        // Give back room reserved for a rebase that did not happen (when the
+        // weights are free to look at; otherwise the rebase under way trims it).
+        if let Some(groups) = core.groups_within(Wait::No) {
+            let p = mc.state.patches.lock();
+            engine.shrink_patch_bytes(core, rebase::held(&groups, &p));
+        }
+    }
+    res
+}
+
+fn sync_steps(
+    engine: &Engine,
+    core: &ModelCore,
+    mc: &ModelCommits,
+    desired: &Snapshot,
+    wait: Wait,
+    reserved: &mut bool,
+) -> Result<()> {
     let mut pause = Duration::from_micros(50);
     let busy = || Error::InUse { model: core.name.clone(), guards: core.uses().saturating_sub(1) };
     loop {
@@ -254,7 +311,10 @@ fn sync(engine: &Engine, core: &ModelCore, mc: &ModelCommits, desired: &Snapshot
             }
         };
         match step {
-            Step::Room(need) => engine.set_patch_bytes(core, need, wait)?,
+            Step::Room(need) => {
+                engine.set_patch_bytes(core, need, wait)?;
+                *reserved = true;
+            }
             Step::PlainGuards => match wait.deadline() {
                 Some(d) if !d.passed() => {
                     std::thread::sleep(pause);
