@@ -76,8 +76,22 @@ impl ResourceUser for CModule {
 pub struct TensorSet {
     tensors: Vec<(String, Tensor)>,
     index: HashMap<String, usize>,
-    /// The file the tensors were read from, as first read.
+    /// The file the tensors come from, as first opened.
     source: Option<crate::tier::spill::Source>,
+    /// Whether the tensors of a set opened from a file were read yet.
+    lazy: parking_lot::Mutex<Lazy>,
+}
+
+/// The state of a set's tensors.
+#[derive(Debug)]
+enum Lazy {
+    /// In memory (read, or given).
+    Loaded,
+    /// Opened from the header alone: the tensors are empty placeholders of
+    /// these shapes until read.
+    Pending(Vec<Vec<i64>>),
+    /// Registered while pending: the engine reads them when a guard needs them.
+    Managed,
 }
 
 impl TensorSet {
@@ -93,57 +107,106 @@ impl TensorSet {
                 });
             }
         }
-        Ok(TensorSet { tensors, index, source: None })
+        Ok(TensorSet { tensors, index, source: None, lazy: parking_lot::Mutex::new(Lazy::Loaded) })
     }
 
-    /// Loads every tensor of a safetensors file onto the CPU. While the model is
-    /// clean, `sire` reloads it from this file instead of writing a spill copy.
+    /// The tensors of a safetensors file, on the CPU, read only when needed:
+    /// opening reads the file's header alone. Managed, the set is registered
+    /// from that header (it takes no host memory until a guard loads it, and
+    /// while clean it reloads from this file instead of writing a spill
+    /// copy); used without `sire`, its tensors are read on first access
+    /// ([`TensorSet::get`], or [`TensorSet::load`] to handle errors).
     ///
-    /// The file is remembered by its absolute path (symlinks resolved), size,
-    /// modification time and a hash of every tensor's bytes as read now. Each
-    /// reload checks them: a file that changed since (overwritten, replaced,
-    /// truncated) is [`Error::Corrupt`] naming it, and the model stays where it
-    /// was. To be immune to later changes of the file, at the cost of writing
-    /// a spill copy on the first eviction, use [`TensorSet::private_copy`].
+    /// The file is remembered by its absolute path (symlinks resolved), size
+    /// and modification time, and by a hash of every tensor's bytes taken on
+    /// the first read. Each later read checks them: a file that changed
+    /// (overwritten, replaced, truncated) is [`Error::Corrupt`] naming it, and
+    /// the model stays where it was. To be immune to later changes of the
+    /// file, at the cost of reading it now and writing a spill copy on the
+    /// first eviction, use [`TensorSet::private_copy`].
     ///
-    /// A malformed file (a bad header, a truncated body, an unsupported dtype)
-    /// is [`Error::Corrupt`] naming the file and the reason; a symlink or FIFO
-    /// where the resolved file should be, or anything but a regular file, is
-    /// refused the same way.
+    /// A malformed file (a bad header, an unsupported dtype, tensors beyond
+    /// its end) is [`Error::Corrupt`] naming the file and the reason; a
+    /// symlink or FIFO where the resolved file should be, or anything but a
+    /// regular file, is refused the same way.
     pub fn from_safetensors(path: impl AsRef<Path>) -> Result<Self> {
-        let (names, tensors, source) = crate::tier::spill::load_source(path.as_ref())?;
-        let mut set = TensorSet::new(names.into_iter().zip(tensors))?;
+        let (layout, source) = crate::tier::spill::open_source(path.as_ref())?;
+        let mut shapes = Vec::with_capacity(layout.len());
+        let placeholders = layout.into_iter().map(|(name, kind, shape)| {
+            shapes.push(shape);
+            (name, Tensor::empty([0i64], (kind, Device::Cpu)))
+        });
+        let mut set = TensorSet::new(placeholders.collect::<Vec<_>>())?;
         set.source = Some(source);
+        set.lazy = parking_lot::Mutex::new(Lazy::Pending(shapes));
         Ok(set)
     }
 
-    /// Forgets the file the set was loaded from: `sire` then keeps its own
+    /// Reads the tensors now if they were not read yet (a set from
+    /// [`TensorSet::from_safetensors`] that is not managed); errors as for
+    /// that file. Does nothing for a managed set: `sire` loads it.
+    pub fn load(&self) -> Result<()> {
+        let mut lazy = self.lazy.lock();
+        if let Lazy::Pending(_) = &*lazy {
+            let source = self.source.as_ref().expect("a pending set has a source");
+            let names: Vec<String> = self.tensors.iter().map(|(n, _)| n.clone()).collect();
+            let read = source.read_into(&names, None).map_err(|e| match e {
+                Error::Io(io) => {
+                    Error::Io(std::io::Error::new(io.kind(), format!("{}: {io}", source.path().display())))
+                }
+                other => other,
+            })?;
+            for ((_, handle), t) in self.tensors.iter().zip(read) {
+                // A handle shares the TensorImpl: every clone handed out follows.
+                handle.shallow_clone().set_data(&t);
+            }
+            *lazy = Lazy::Loaded;
+        }
+        Ok(())
+    }
+
+    /// [`TensorSet::load`] for accessors that cannot return an error.
+    fn loaded(&self) {
+        if let Err(e) = self.load() {
+            panic!("sire::TensorSet: reading the tensors failed: {e} (TensorSet::load returns this error)");
+        }
+    }
+
+    /// Forgets the file the set was read from: `sire` then keeps its own
     /// private copy of the weights (a spill file written on the first
     /// eviction) and never reads the original file again, so the file may
-    /// change or disappear. Without this, a set from
-    /// [`TensorSet::from_safetensors`] reloads from its file, and a changed
-    /// file is an error.
+    /// change or disappear. The tensors are read now if they were not yet.
+    /// Without this, a set from [`TensorSet::from_safetensors`] reloads from
+    /// its file, and a changed file is an error.
     ///
     /// ```
     /// # fn main() -> sire::Result<()> {
     /// # let dir = tempfile::tempdir()?;
     /// # let path = dir.path().join("w.safetensors");
     /// # tch::Tensor::write_safetensors(&[("w", tch::Tensor::ones([4], tch::kind::FLOAT_CPU))], &path)?;
-    /// let set = sire::TensorSet::from_safetensors(&path)?.private_copy();
+    /// let set = sire::TensorSet::from_safetensors(&path)?.private_copy()?;
     /// # let _ = set;
     /// # Ok(()) }
     /// ```
-    pub fn private_copy(mut self) -> Self {
+    pub fn private_copy(mut self) -> Result<Self> {
+        self.load()?;
         self.source = None;
-        self
+        Ok(self)
     }
 
     /// A handle on the tensor called `name` (it follows the managed weights).
+    ///
+    /// # Panics
+    ///
+    /// On a set from [`TensorSet::from_safetensors`] that is neither managed
+    /// nor read yet, this reads it; if that fails (the file changed or went
+    /// away), it panics with the error ([`TensorSet::load`] returns it).
     pub fn get(&self, name: &str) -> Option<Tensor> {
+        self.loaded();
         self.index.get(name).map(|&i| self.tensors[i].1.shallow_clone())
     }
 
-    /// The names, in insertion order.
+    /// The names, in insertion order (in file order for a set from a file).
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.iter().map(|(n, _)| n.as_str())
     }
@@ -157,6 +220,22 @@ impl TensorSet {
     pub fn is_empty(&self) -> bool {
         self.tensors.is_empty()
     }
+
+    /// For the engine: when the set was opened from a file and not read yet,
+    /// marks it managed (it will not read itself any more) and returns each
+    /// tensor's name, handle, kind and shape as declared by the file.
+    pub(crate) fn take_declared(&self) -> Option<Vec<(crate::tier::spill::Declared, Tensor)>> {
+        let mut lazy = self.lazy.lock();
+        let Lazy::Pending(shapes) = &*lazy else { return None };
+        let declared = self
+            .tensors
+            .iter()
+            .zip(shapes)
+            .map(|((n, t), shape)| ((n.clone(), t.kind(), shape.clone()), t.shallow_clone()))
+            .collect();
+        *lazy = Lazy::Managed;
+        Some(declared)
+    }
 }
 
 // SAFETY: `Tensor` is `Send` but not `Sync` because some of its `&self` methods
@@ -167,6 +246,7 @@ unsafe impl Sync for TensorSet {}
 
 impl ResourceUser for TensorSet {
     fn tensors(&self) -> Vec<(String, Tensor)> {
+        self.loaded();
         self.tensors.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
     }
 }
@@ -484,6 +564,29 @@ pub(crate) fn one_device(model: &str, devices: &[(String, Device)]) -> Result<De
 /// reload clean models without writing a spill copy).
 pub(crate) fn source_of(user: &dyn std::any::Any) -> Option<crate::tier::spill::Source> {
     user.downcast_ref::<TensorSet>().and_then(|s| s.source.clone())
+}
+
+/// The inventory of a model known from a file's header alone (a
+/// [`TensorSet`] opened with `from_safetensors` and not read yet), without
+/// reading anything: each tensor is its own group, of the declared kind and
+/// shape, its handle an empty placeholder until the first load. `None` for
+/// any other model (its tensors are listed as usual).
+pub(crate) fn declared_inventory(user: &dyn std::any::Any) -> Option<Inventory> {
+    let declared = user.downcast_ref::<TensorSet>()?.take_declared()?;
+    let groups: Vec<Group> = declared
+        .into_iter()
+        .map(|((name, kind, shape), handle)| Group {
+            key: name.clone(),
+            names: vec![name],
+            members: vec![handle],
+            bytes: shape.iter().product::<i64>() as u64 * kind.elt_size_in_bytes() as u64,
+            kind,
+            shape,
+            region: None,
+        })
+        .collect();
+    let bytes = groups.iter().map(|g| g.bytes).sum();
+    Some(Inventory { groups, bytes, device: Device::Cpu })
 }
 
 #[cfg(test)]

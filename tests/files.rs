@@ -320,8 +320,9 @@ fn a_source_file_overwritten_after_registration_is_corrupt() {
     let root = tempfile::tempdir().unwrap();
     let p = pools_at(root.path());
     let m = p.manage_with(TensorSet::from_safetensors(&src).unwrap(), named("src")).unwrap();
-    let copy =
-        p.manage_with(TensorSet::from_safetensors(&src).unwrap().private_copy(), named("copy")).unwrap();
+    let copy = p
+        .manage_with(TensorSet::from_safetensors(&src).unwrap().private_copy().unwrap(), named("copy"))
+        .unwrap();
     m.offload().unwrap();
     copy.offload().unwrap();
     assert_eq!(

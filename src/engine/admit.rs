@@ -8,7 +8,14 @@ impl Engine {
         let id = self.next_id.fetch_add(1, Relaxed);
         let type_name = crate::error::short_type_name(std::any::type_name::<T>());
         let label = opts.name.clone().unwrap_or_else(|| type_name.to_string());
-        let mut inv = user::inventory(&label, model.tensors())?;
+        // A model known from a file's header alone is registered from it, on
+        // the disk tier: nothing is read until a guard needs it.
+        let declared = user::declared_inventory(model as &dyn std::any::Any);
+        let on_disk = declared.is_some();
+        let mut inv = match declared {
+            Some(inv) => inv,
+            None => user::inventory(&label, model.tensors())?,
+        };
         let invalid = |reason: String| Error::InvalidOptions { model: label.clone(), reason };
         let (runtime, offload, name) = {
             let mut lk = self.lock();
@@ -82,8 +89,20 @@ impl Engine {
             },
             ModelData::new(inv.groups, spill, source),
         ));
-        self.admit(&core).map_err(release_name)?;
+        if on_disk {
+            self.admit_on_disk(&core);
+        } else {
+            self.admit(&core).map_err(release_name)?;
+        }
         Ok(core)
+    }
+
+    /// Registers a model whose weights are only in its source file (opened
+    /// from its header): no host bytes, its clean disk copy is that file.
+    fn admit_on_disk(&self, core: &Arc<ModelCore>) {
+        let mut lk = self.lock();
+        lk.insert(core.clone(), Residency { disk: Some(0), ..Residency::default() }, false);
+        self.emit(core, EventKind::Registered, None, Some(Location::Disk));
     }
 
     /// Accounts a new model's host bytes, making room (or spilling the model

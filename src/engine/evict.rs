@@ -190,8 +190,9 @@ impl Engine {
         if claims.is_empty() {
             return Vec::new();
         }
+        let frees_host = claims.iter().any(|cl| cl.job.spill);
         let results: Vec<(Result<()>, bool)> = lk.unlocked(|| {
-            claims
+            let results = claims
                 .iter()
                 .map(|cl| {
                     let c = &cl.reservation.core;
@@ -202,7 +203,13 @@ impl Engine {
                     });
                     (r, dropped.get())
                 })
-                .collect()
+                .collect();
+            if frees_host {
+                // Host memory given up must leave the process, not linger in the
+                // C allocator's free lists: the host budget is about the RSS.
+                crate::tier::ffi::release_free_memory();
+            }
+            results
         });
         let mut failed = Vec::new();
         for (cl, (res, dropped)) in claims.into_iter().zip(results) {

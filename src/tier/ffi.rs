@@ -259,6 +259,18 @@ pub(crate) mod shim {
     }
 }
 
+/// Gives the C allocator's free memory back to the system (`malloc_trim`):
+/// host buffers of evicted models are freed to it, and without this it may
+/// keep them (glibc raises its mmap threshold after large frees, so blocks of
+/// a few MiB come from its heaps and stay there once free).
+pub(crate) fn release_free_memory() {
+    // SAFETY: malloc_trim has no preconditions; it only returns free pages.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The buffers of a TorchScript module and of its submodules (recursively,
 /// dotted names, as `named_buffers()` gives them in Python), as handles that
 /// share the module's tensors: `set_data` on one changes the module's buffer.

@@ -240,26 +240,6 @@ pub(crate) fn read(path: &Path, names: &[String], require_checksum: bool) -> Res
     Ok(read_checked(path, names, Expect::Any { require_checksum }, None)?.tensors)
 }
 
-/// The names of the tensors of a safetensors file (a spill file or any
-/// other), in the order of their data in the file. A malformed file is
-/// [`Error::Corrupt`] with the reason; a file that cannot be opened is an I/O
-/// error naming it.
-fn names(path: &Path) -> Result<Vec<String>> {
-    let corrupt = |detail: String| Error::Corrupt { path: path.to_owned(), detail };
-    let (file, meta) = open_regular(path, false)?;
-    let len = meta.len();
-    if len < PREFIX_LEN as u64 {
-        return Err(corrupt(format!("the file is {len} bytes long, too short for a safetensors header")));
-    }
-    // SAFETY: as in `read_checked`: a read-only mapping, only read here.
-    let map = unsafe { Mmap::map(&file) }?;
-    let (_, metadata) = SafeTensors::read_metadata(&map).map_err(|e| corrupt(format!("bad header: {e}")))?;
-    let mut names: Vec<(usize, String)> =
-        metadata.tensors().into_iter().map(|(name, info)| (info.data_offsets.0, name)).collect();
-    names.sort();
-    Ok(names.into_iter().map(|(_, n)| n).collect())
-}
-
 /// Where [`read_checked`] puts tensor `slot`: a contiguous CPU tensor that the
 /// caller allocated (a view into a packed, possibly pinned, home copy).
 pub(crate) type Dest<'a> = &'a mut dyn FnMut(usize) -> Result<Tensor>;
@@ -274,8 +254,6 @@ enum Expect<'a> {
         /// Whether a tensor without a checksum is an error.
         require_checksum: bool,
     },
-    /// The first read of a model's source file: every tensor is hashed.
-    Record,
     /// A model's spill file: checksums required, and exactly this identity.
     Spill(&'a Identity),
     /// A model's source file: unchanged since it was first read.
@@ -286,11 +264,9 @@ enum Expect<'a> {
 struct Read {
     /// The tensors, in the order asked for.
     tensors: Vec<Tensor>,
-    /// The xxh3-64 of each tensor's bytes, where computed (always with
-    /// [`Expect::Record`]).
+    /// The xxh3-64 of each tensor's bytes, where computed (always on the
+    /// first read of a source file).
     sums: Vec<Option<u64>>,
-    /// The file's metadata, from the descriptor the bytes were read through.
-    meta: fs::Metadata,
 }
 
 /// Opens `path` for reading, refusing (as [`Error::Corrupt`]) a symbolic
@@ -385,13 +361,19 @@ fn read_checked(
                 None if require_checksum => return Err(corrupt(format!("no checksum for tensor `{name}`"))),
                 None => None,
             };
-            let recorded = match expect {
-                Expect::Source(source) => Some(source.sums.get(name).copied().ok_or_else(|| {
-                    corrupt(format!("tensor `{name}` was not in the file when it was first read"))
-                })?),
-                _ => None,
+            let (recorded, first) = match expect {
+                Expect::Source(source) => match source.sums.get() {
+                    Some(sums) => (
+                        Some(sums.get(name).copied().ok_or_else(|| {
+                            corrupt(format!("tensor `{name}` was not in the file when it was first read"))
+                        })?),
+                        false,
+                    ),
+                    None => (None, true),
+                },
+                _ => (None, false),
             };
-            let hash = checksum.is_some() || recorded.is_some() || matches!(expect, Expect::Record);
+            let hash = checksum.is_some() || recorded.is_some() || first;
             let (start, end) = info.data_offsets;
             Ok(Job {
                 slot,
@@ -441,7 +423,7 @@ fn read_checked(
         sums[job.slot] = sum;
     }
     let tensors = out.into_iter().map(|t| t.expect("every requested tensor was read")).collect();
-    Ok(Read { tensors, sums, meta })
+    Ok(Read { tensors, sums })
 }
 
 /// Who a spill file belongs to: the instance (the random name of its private
@@ -555,7 +537,9 @@ pub(crate) struct Source {
     len: u64,
     /// Modification time: seconds and nanoseconds since the epoch.
     modified: (i64, i64),
-    sums: HashMap<String, u64>,
+    /// The hash of each tensor's bytes, recorded by the first read of the
+    /// tensors (a set opened from its header alone has not read them yet).
+    sums: std::sync::OnceLock<HashMap<String, u64>>,
 }
 
 impl Source {
@@ -570,7 +554,17 @@ impl Source {
     /// then (checked as it is copied): a file that changed is
     /// [`Error::Corrupt`] naming it, and nothing read is used.
     pub(crate) fn read_into(&self, names: &[String], dest: Option<Dest<'_>>) -> Result<Vec<Tensor>> {
-        Ok(read_checked(&self.path, names, Expect::Source(self), dest)?.tensors)
+        let read = read_checked(&self.path, names, Expect::Source(self), dest)?;
+        if self.sums.get().is_none() {
+            // The first read of the tensors: their hashes are the reference now.
+            let sums = names
+                .iter()
+                .zip(&read.sums)
+                .map(|(name, sum)| (name.clone(), sum.expect("a first read hashes every tensor")))
+                .collect();
+            let _ = self.sums.set(sums);
+        }
+        Ok(read.tensors)
     }
 
     /// Checks the size and modification time of the file just opened.
@@ -595,29 +589,59 @@ impl Source {
     }
 }
 
-/// Reads every tensor of the safetensors file at `path`, in file order, for a
-/// model made from it, and records the file's identity for later reloads. The
-/// path is made absolute with symlinks resolved, so that a later change of
-/// the working directory or of a link does not change which file is meant.
-/// Errors: [`Error::Corrupt`] for a malformed file (or a symlink or FIFO in
-/// place of the resolved file), an I/O error naming the file otherwise.
-pub(crate) fn load_source(path: &Path) -> Result<(Vec<String>, Vec<Tensor>, Source)> {
+/// A tensor as a file's header declares it: name, kind, shape.
+pub(crate) type Declared = (String, Kind, Vec<i64>);
+
+/// The tensors of a safetensors file (name, kind, shape, in file order) read
+/// from its header alone, and the file's identity for later reads: nothing of
+/// the weights is read. The first read of the tensors records their hashes
+/// (see [`Source::read_into`]). A malformed header is [`Error::Corrupt`] with
+/// the reason (a symlink or FIFO in place of the resolved file too); a file
+/// that cannot be opened is an I/O error naming it.
+pub(crate) fn open_source(path: &Path) -> Result<(Vec<Declared>, Source)> {
     let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
     let path = fs::canonicalize(path).map_err(named)?;
-    let with_path = |e: Error| match e {
-        Error::Io(e) => Error::Io(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
-        other => other,
-    };
-    let names = names(&path).map_err(with_path)?;
-    let read = read_checked(&path, &names, Expect::Record, None).map_err(with_path)?;
-    let sums = names
-        .iter()
-        .zip(&read.sums)
-        .map(|(name, sum)| (name.clone(), sum.expect("a recording read hashes every tensor")))
-        .collect();
+    let corrupt = |detail: String| Error::Corrupt { path: path.clone(), detail };
+    let (file, meta) = open_regular(&path, false)?;
+    let len = meta.len();
+    if len < PREFIX_LEN as u64 {
+        return Err(corrupt(format!("the file is {len} bytes long, too short for a safetensors header")));
+    }
+    let mut prefix = [0u8; PREFIX_LEN];
+    file.read_exact_at(&mut prefix, 0).map_err(named)?;
+    let header_len = u64::from_le_bytes(prefix);
+    if header_len > len - PREFIX_LEN as u64 || header_len > 100 << 20 {
+        return Err(corrupt(format!("bad header: a header of {header_len} bytes in a file of {len}")));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact_at(&mut header, PREFIX_LEN as u64).map_err(named)?;
+    let metadata: Metadata =
+        serde_json::from_slice(&header).map_err(|e| corrupt(format!("bad header: {e}")))?;
+    let data_len = len - PREFIX_LEN as u64 - header_len;
+    let mut found = Vec::new();
+    for (name, info) in metadata.tensors() {
+        let kind = dtype_to_kind(info.dtype)
+            .ok_or_else(|| corrupt(format!("tensor `{name}` has unsupported dtype {}", info.dtype)))?;
+        let shape = info
+            .shape
+            .iter()
+            .map(|&d| i64::try_from(d))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|_| corrupt(format!("tensor `{name}` has an impossible shape")))?;
+        let (start, end) = info.data_offsets;
+        let want = shape.iter().product::<i64>() as u64 * kind.elt_size_in_bytes() as u64;
+        if end < start || end as u64 > data_len || (end - start) as u64 != want {
+            return Err(corrupt(format!(
+                "tensor `{name}` lies at bytes {start}..{end} of a data section of {data_len}, \
+                 for {want} bytes of {kind:?} {shape:?}"
+            )));
+        }
+        found.push((start, name, kind, shape));
+    }
+    found.sort_by_key(|(start, ..)| *start);
     let source =
-        Source { len: read.meta.len(), modified: (read.meta.mtime(), read.meta.mtime_nsec()), sums, path };
-    Ok((names, read.tensors, source))
+        Source { len, modified: (meta.mtime(), meta.mtime_nsec()), sums: std::sync::OnceLock::new(), path };
+    Ok((found.into_iter().map(|(_, n, k, s)| (n, k, s)).collect(), source))
 }
 
 /// Checks that `dir` is still a folder no one else can change: a directory
@@ -1594,9 +1618,11 @@ mod tests {
         let path = dir.path().join("src.safetensors");
         let (a, b) = (Tensor::randn([32], cpu(Kind::Float)), Tensor::randn([4, 4], cpu(Kind::Float)));
         Tensor::write_safetensors(&[("a", &a), ("b", &b)], &path).unwrap();
-        let (names, tensors, source) = load_source(&path).unwrap();
+        let (layout, source) = open_source(&path).unwrap();
         assert_eq!(source.path(), fs::canonicalize(&path).unwrap());
+        let names: Vec<String> = layout.iter().map(|(n, ..)| n.clone()).collect();
         assert_eq!(names.len(), 2);
+        let tensors = source.read_into(&names, None).unwrap(); // the first read records the hashes
         assert!(tensors[names.iter().position(|n| n == "a").unwrap()].equal(&a));
         let got = source.read_into(&strings(&["b", "a"]), None).unwrap();
         assert!(got[0].equal(&b) && got[1].equal(&a));
