@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
-use safetensors::{Dtype, SafeTensors};
-use tch::{Kind, Tensor};
+use safetensors::SafeTensors;
+use tch::Tensor;
 
 use crate::{Commit, Error, Result};
 
@@ -381,20 +381,11 @@ pub(super) fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     views.sort_by_key(|(name, v)| (v.data().as_ptr() as usize, *name));
     let mut out = Vec::with_capacity(views.len());
     for (name, view) in views {
-        let kind = match view.dtype() {
-            Dtype::F32 => Kind::Float,
-            Dtype::F64 => Kind::Double,
-            Dtype::F16 => Kind::Half,
-            Dtype::BF16 => Kind::BFloat16,
-            Dtype::I8 => Kind::Int8,
-            Dtype::U8 => Kind::Uint8,
-            Dtype::I16 => Kind::Int16,
-            Dtype::I32 => Kind::Int,
-            Dtype::I64 => Kind::Int64,
-            Dtype::BOOL => Kind::Bool,
-            other => {
-                return Err(invalid(format!("tensor `{name}` has dtype {other:?}, which sire does not read")))
-            }
+        let Some(kind) = crate::tier::spill::dtype_to_kind(view.dtype()) else {
+            return Err(invalid(format!(
+                "tensor `{name}` has dtype {:?}, which sire does not read",
+                view.dtype()
+            )));
         };
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let t = Tensor::f_from_data_size(view.data(), &shape, kind)

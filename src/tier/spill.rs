@@ -98,8 +98,22 @@ pub(crate) fn kind_to_dtype(kind: Kind) -> Result<Dtype> {
     })
 }
 
+/// The kind and shape of tensor `name` as a file's header declares them, or
+/// why they cannot be read.
+fn kind_and_shape(name: &str, info: &TensorInfo) -> std::result::Result<(Kind, Vec<i64>), String> {
+    let kind = dtype_to_kind(info.dtype)
+        .ok_or_else(|| format!("tensor `{name}` has unsupported dtype {}", info.dtype))?;
+    let shape = info
+        .shape
+        .iter()
+        .map(|&d| i64::try_from(d))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|_| format!("tensor `{name}` has an impossible shape"))?;
+    Ok((kind, shape))
+}
+
 /// The tensor kind for a safetensors dtype, if `sire` supports it.
-fn dtype_to_kind(dtype: Dtype) -> Option<Kind> {
+pub(crate) fn dtype_to_kind(dtype: Dtype) -> Option<Kind> {
     Some(match dtype {
         Dtype::F32 => Kind::Float,
         Dtype::F64 => Kind::Double,
@@ -344,14 +358,7 @@ fn read_checked(
         .map(|(slot, name)| {
             let info =
                 metadata.info(name).ok_or_else(|| corrupt(format!("no tensor `{name}` in the file")))?;
-            let kind = dtype_to_kind(info.dtype)
-                .ok_or_else(|| corrupt(format!("tensor `{name}` has unsupported dtype {}", info.dtype)))?;
-            let shape = info
-                .shape
-                .iter()
-                .map(|&d| i64::try_from(d))
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|_| corrupt(format!("tensor `{name}` has an impossible shape")))?;
+            let (kind, shape) = kind_and_shape(name, info).map_err(corrupt)?;
             let key = format!("{CHECKSUM_PREFIX}{name}");
             let checksum = match extra.and_then(|m| m.get(&key)) {
                 Some(hex) => Some(
@@ -620,14 +627,7 @@ pub(crate) fn open_source(path: &Path) -> Result<(Vec<Declared>, Source)> {
     let data_len = len - PREFIX_LEN as u64 - header_len;
     let mut found = Vec::new();
     for (name, info) in metadata.tensors() {
-        let kind = dtype_to_kind(info.dtype)
-            .ok_or_else(|| corrupt(format!("tensor `{name}` has unsupported dtype {}", info.dtype)))?;
-        let shape = info
-            .shape
-            .iter()
-            .map(|&d| i64::try_from(d))
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|_| corrupt(format!("tensor `{name}` has an impossible shape")))?;
+        let (kind, shape) = kind_and_shape(&name, info).map_err(corrupt)?;
         let (start, end) = info.data_offsets;
         let want = shape.iter().product::<i64>() as u64 * kind.elt_size_in_bytes() as u64;
         if end < start || end as u64 > data_len || (end - start) as u64 != want {
