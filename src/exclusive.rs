@@ -564,9 +564,9 @@ mod tests {
         TensorSet::new([("w", Tensor::full([4], v, FLOAT_CPU))]).unwrap()
     }
 
+    /// CPU + disk pools (no environment) with a 2 s wait timeout.
     #[cfg(feature = "tokio")]
-    #[test]
-    fn an_async_fetch_on_the_holders_thread_does_not_jump_the_queue() {
+    fn cpu_pools() -> (ResourcePoolManagement, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let pools = ResourcePoolManagement::builder()
             .cuda(false)
@@ -575,6 +575,13 @@ mod tests {
             .wait_timeout(Duration::from_secs(2))
             .build()
             .unwrap();
+        (pools, dir)
+    }
+
+    #[cfg(feature = "tokio")]
+    #[test]
+    fn an_async_fetch_on_the_holders_thread_does_not_jump_the_queue() {
+        let (pools, _dir) = cpu_pools();
         let shared = SharedModelManager::with_pools(pools);
         let a = shared.add(w(1.0)).unwrap();
         let b = shared.add(w(2.0)).unwrap();
@@ -597,14 +604,7 @@ mod tests {
     #[test]
     fn an_async_variant_guard_does_not_jump_a_queued_variant() {
         use crate::Commit;
-        let dir = tempfile::tempdir().unwrap();
-        let pools = ResourcePoolManagement::builder()
-            .cuda(false)
-            .env(false)
-            .spill_dir(dir.path())
-            .wait_timeout(Duration::from_secs(2))
-            .build()
-            .unwrap();
+        let (pools, _dir) = cpu_pools();
         let m = pools.manage(w(0.0)).unwrap();
         let a = m.variant();
         a.commit(Commit::delta("w", Tensor::ones([4], FLOAT_CPU))).unwrap();
