@@ -524,7 +524,9 @@ mod tests {
     //! admission at the deadline, async fetches and variant guards never
     //! "nested" by thread, a cancelled switch that ends before the next.
     use super::*;
+    #[cfg(feature = "tokio")]
     use crate::{ResourcePoolManagement, TensorSet};
+    #[cfg(feature = "tokio")]
     use tch::{kind::FLOAT_CPU, Tensor};
 
     /// The holder's drop (here stretched) holds the turnstile's lock across the
@@ -560,6 +562,7 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "tokio")]
     fn w(v: f64) -> TensorSet {
         TensorSet::new([("w", Tensor::full([4], v, FLOAT_CPU))]).unwrap()
     }

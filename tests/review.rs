@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use sire::{
-    auto_manage, auto_manage_all, Commit, Error, EventKind, Location, ResourcePoolManagement, ResourceUser,
+    auto_manage, auto_manage_all, Commit, Error, Location, ResourcePoolManagement, ResourceUser,
     SharedModelManager, TensorSet,
 };
 use tch::{Device, Kind, Tensor};
@@ -61,8 +61,10 @@ fn auto_manage_all_leaks_a_use_when_a_commit_path_fails() {
 /// blocking pool leaves the model loaded, but the turnstile believes the
 /// device is empty (`resident = None`); the next fetch loads another model
 /// beside it without offloading the first.
+#[cfg(feature = "tokio")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_async_fetch_leaves_two_models_on_the_shared_device() {
+    use sire::EventKind;
     let loading_b = Arc::new(tokio::sync::Notify::new());
     let l = loading_b.clone();
     let dir = tempfile::tempdir().unwrap();

@@ -264,8 +264,29 @@ fn peak_resident() -> u64 {
     kib * 1024
 }
 
+/// Set in the child process that [`run_alone`] starts.
+const ALONE: &str = "SIRE_TEST_ALONE";
+
+/// Runs the test `name` (its full path) alone in a new process of this test
+/// binary, so no other test's allocations or frees blur the resident-set
+/// figures it measures; fails unless it ran there and passed.
+fn run_alone(name: &str) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(ALONE, "1")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("{text}");
+    assert!(out.status.success(), "`{name}` failed in its own process");
+    assert!(text.contains("1 passed"), "`{name}` did not run in its own process");
+}
+
 #[test]
 fn read_holds_one_copy_of_the_data() {
+    if std::env::var_os(ALONE).is_none() {
+        return run_alone("tier::spill::tests::read_holds_one_copy_of_the_data");
+    }
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     const SIZE: u64 = 64 * MIB;
     let big = || Tensor::arange((SIZE / 4) as i64, cpu(Kind::Int));
