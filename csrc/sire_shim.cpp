@@ -22,6 +22,7 @@
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <c10/core/CachingDeviceAllocator.h>
 #include <c10/core/Event.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -138,6 +139,26 @@ int sire_empty(const int64_t* dims, size_t ndims, int dtype, int pinned,
                     .device(at::kCPU)
                     .pinned_memory(pinned != 0);
     at::Tensor t = at::empty(c10::IntArrayRef(dims, ndims), opts);
+    *out = new at::Tensor(std::move(t));
+    return SIRE_OK;
+  });
+}
+
+// A contiguous CPU tensor of `dtype` over the `dims` elements at `data`,
+// which are not copied. When the last tensor sharing its storage is freed,
+// `release(ctx)` is called (on whichever thread frees it), once. On an error
+// `release` may or may not have run: the caller must not release `ctx` itself
+// (at worst it is leaked).
+int sire_from_blob(void* data, const int64_t* dims, size_t ndims, int dtype,
+                   void (*release)(void*), void* ctx, void** out,
+                   char** err) {
+  return guarded(err, [&] {
+    auto opts = at::TensorOptions()
+                    .dtype(static_cast<c10::ScalarType>(dtype))
+                    .device(at::kCPU);
+    at::Tensor t = at::from_blob(
+        data, c10::IntArrayRef(dims, ndims),
+        [release, ctx](void*) { release(ctx); }, opts);
     *out = new at::Tensor(std::move(t));
     return SIRE_OK;
   });

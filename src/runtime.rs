@@ -140,6 +140,7 @@ pub struct Builder {
     env: bool,
     wait_timeout: Duration,
     listener: Option<Listener>,
+    map_files: bool,
 }
 
 impl Default for Builder {
@@ -155,6 +156,7 @@ impl Default for Builder {
             env: true,
             wait_timeout: Duration::from_secs(60),
             listener: None,
+            map_files: true,
         }
     }
 }
@@ -215,6 +217,30 @@ impl Builder {
     /// models in use before it fails (default 60 s).
     pub fn wait_timeout(mut self, timeout: Duration) -> Self {
         self.wait_timeout = timeout;
+        self
+    }
+
+    /// Whether CPU models are loaded from their files by mapping them
+    /// (default on).
+    ///
+    /// A model that runs on the CPU and is loaded from a file (the
+    /// safetensors file of [`TensorSet::from_safetensors`](crate::TensorSet::from_safetensors),
+    /// or its spill file) then points its tensors into a private,
+    /// copy-on-write mapping of the file, after the file's checks: nothing is
+    /// copied, and the pages come from the page cache. Its bytes are charged to
+    /// the host pool as if copied. A write to a weight copies only the pages
+    /// it writes (and marks the model dirty as any write does); offloading a
+    /// clean mapped model drops the mapping. The bytes are hashed the first
+    /// time and again only when the file's stamp (device, inode, size,
+    /// modification and change times) differs from the one they last matched
+    /// with. A file whose tensors are not aligned for their kinds is copied.
+    ///
+    /// Off, every load copies the file into fresh memory. A mapped file must
+    /// not be truncated by another process while mapped (as with any
+    /// mapping, that would fault the process); replacing it (a new file
+    /// renamed over it) is safe.
+    pub fn map_files(mut self, on: bool) -> Self {
+        self.map_files = on;
         self
     }
 
@@ -312,6 +338,7 @@ impl Builder {
         let dir = spill.as_ref().map(|p| p.path().to_path_buf());
         let mut inner = Engine::new(pools, dir, self.wait_timeout).with_pinning(pinning, pinned_cap);
         inner.listener = self.listener;
+        inner.transfer.map_files = self.map_files;
         if any_cuda {
             inner = inner.with_cuda_probe(
                 Arc::new(|i| {

@@ -28,6 +28,10 @@ pub struct Stats {
     pub bytes_to_disk: u64,
     /// Bytes read back from disk.
     pub bytes_from_disk: u64,
+    /// Of [`bytes_from_disk`](Stats::bytes_from_disk), those not copied but
+    /// mapped: CPU models whose weights point into their file
+    /// ([`Builder::map_files`](crate::Builder::map_files)).
+    pub bytes_mapped: u64,
     /// Wall time spent moving bytes, summed over all moves.
     pub time_moving: Duration,
     /// Bytes of home copies held in pinned host memory (part of the host pool's `used`).
@@ -93,6 +97,7 @@ pub(crate) struct Counters {
     pub bytes_d2h: AtomicU64,
     pub bytes_to_disk: AtomicU64,
     pub bytes_from_disk: AtomicU64,
+    pub bytes_mapped: AtomicU64,
     pub move_nanos: AtomicU64,
     /// Times the CUDA caching allocator's idle blocks were given back to the driver.
     pub cache_releases: AtomicU64,
@@ -111,6 +116,7 @@ impl Counters {
             bytes_device_to_host: self.bytes_d2h.load(Relaxed),
             bytes_to_disk: self.bytes_to_disk.load(Relaxed),
             bytes_from_disk: self.bytes_from_disk.load(Relaxed),
+            bytes_mapped: self.bytes_mapped.load(Relaxed),
             time_moving: Duration::from_nanos(self.move_nanos.load(Relaxed)),
             pinned: pinned.0,
             pinned_cap: pinned.1,
@@ -160,11 +166,12 @@ impl fmt::Display for Stats {
         )?;
         write!(
             f,
-            "bytes: host->device {}  device->host {}  to disk {}  from disk {}  pinned {} of {}",
+            "bytes: host->device {}  device->host {}  to disk {}  from disk {} ({} mapped)  pinned {} of {}",
             fmt_bytes(self.bytes_host_to_device),
             fmt_bytes(self.bytes_device_to_host),
             fmt_bytes(self.bytes_to_disk),
             fmt_bytes(self.bytes_from_disk),
+            fmt_bytes(self.bytes_mapped),
             fmt_bytes(self.pinned),
             fmt_bytes(self.pinned_cap)
         )

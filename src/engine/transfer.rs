@@ -79,6 +79,8 @@ pub(crate) struct Staged {
 
 pub(crate) struct Transfer {
     pub pin: Pinning,
+    /// Load CPU models from their files by mapping them (`Builder::map_files`).
+    pub map_files: bool,
     #[cfg(test)]
     fail: parking_lot::Mutex<Vec<FailAt>>,
 }
@@ -87,6 +89,7 @@ impl Transfer {
     pub(crate) fn new(pin: Pinning) -> Transfer {
         Transfer {
             pin,
+            map_files: true,
             #[cfg(test)]
             fail: parking_lot::Mutex::new(Vec::new()),
         }
@@ -250,6 +253,7 @@ impl Transfer {
             let span = tracing::debug_span!("sire.load", model = %c.name, bytes = c.bytes, from = "disk", to = "cpu");
             let _g = span.enter();
             let keys: Vec<String> = d.groups.iter().map(|g| g.key.clone()).collect();
+            let mut was_mapped = false;
             // The source file if the model is clean and has one (checked
             // unchanged), else its spill file (checked to be its own).
             let path = match (&d.source, &d.spill) {
@@ -262,9 +266,21 @@ impl Transfer {
                 (None, Some(f)) => f.read_into(&keys, dest),
                 (None, None) => unreachable!("a model off the host has a disk copy"),
             };
-            // A CUDA model's home is read straight into one packed (pinned) buffer.
+            // A CPU model points into a mapping of its file where it can, else
+            // reads a copy; a CUDA model's home is read straight into one
+            // packed (pinned) buffer.
             let (ts, pack) = if c.runtime() == Location::Cpu {
-                (read(d, None).map_err(|e| in_file(e, &c.name, &path))?, None)
+                let mapped = match (&d.source, &d.spill) {
+                    _ if !self.map_files => None,
+                    (Some(src), _) => src.map(&keys).map_err(|e| in_file(e, &c.name, &path))?,
+                    (None, Some(f)) => f.map(&keys).map_err(|e| in_file(e, &c.name, &path))?,
+                    (None, None) => unreachable!("a model off the host has a disk copy"),
+                };
+                was_mapped = mapped.is_some();
+                match mapped {
+                    Some(ts) => (ts, None),
+                    None => (read(d, None).map_err(|e| in_file(e, &c.name, &path))?, None),
+                }
             } else {
                 let (offsets, total) = pack_layout(&d.groups);
                 let (flat, p) = self.alloc_host(total, load.pin)?;
@@ -290,6 +306,9 @@ impl Transfer {
             host_done.set(true);
             d.disk_versions = d.groups.iter().map(Group::version).collect();
             counters.bytes_from_disk.fetch_add(c.bytes, Relaxed);
+            if was_mapped {
+                counters.bytes_mapped.fetch_add(c.bytes, Relaxed);
+            }
             tracing::debug!(elapsed = ?start.elapsed(), "loaded from disk");
         }
         let mut staged = None;

@@ -151,7 +151,7 @@ pub fn empty_cache() -> Result<()> {
 
 /// libtorch's `c10::ScalarType` number for a `tch` kind (the same table as
 /// tch's private `Kind::c_int`).
-fn scalar_type(kind: Kind) -> c_int {
+pub(crate) fn scalar_type(kind: Kind) -> c_int {
     match kind {
         Kind::Uint8 => 0,
         Kind::Int8 => 1,

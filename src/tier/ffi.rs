@@ -158,6 +158,16 @@ pub(crate) mod shim {
             out: *mut *mut C_tensor,
             err: *mut *mut c_char,
         ) -> c_int;
+        pub(crate) fn sire_from_blob(
+            data: *mut c_void,
+            dims: *const i64,
+            ndims: usize,
+            dtype: c_int,
+            release: extern "C" fn(*mut c_void),
+            ctx: *mut c_void,
+            out: *mut *mut C_tensor,
+            err: *mut *mut c_char,
+        ) -> c_int;
         pub(crate) fn sire_is_pinned(t: *const C_tensor, out: *mut c_int, err: *mut *mut c_char) -> c_int;
         pub(crate) fn sire_cuda_mem_get_info(
             device: c_int,
@@ -257,6 +267,52 @@ pub(crate) mod shim {
             }
         }
     }
+}
+
+/// A contiguous CPU tensor of `kind` and `shape` over the bytes at `data`,
+/// which are not copied: its storage keeps `owner` alive, and drops it (on
+/// whichever thread frees the last tensor sharing that storage).
+///
+/// # Safety
+/// `data` must point to `shape`'s element count times `kind`'s element size
+/// bytes, aligned for `kind`, readable and writable, that stay valid as long
+/// as `owner` lives and are not used as anything else meanwhile.
+pub(crate) unsafe fn tensor_over<T: Send + Sync + 'static>(
+    data: *mut u8,
+    shape: &[i64],
+    kind: tch::Kind,
+    owner: std::sync::Arc<T>,
+) -> crate::Result<tch::Tensor> {
+    use std::ffi::{c_char, c_void};
+    extern "C" fn release<T>(ctx: *mut c_void) {
+        // SAFETY: `ctx` is the `Arc::into_raw` below, released once by the
+        // storage's deleter.
+        drop(unsafe { std::sync::Arc::from_raw(ctx as *const T) });
+    }
+    let ctx = std::sync::Arc::into_raw(owner) as *mut c_void;
+    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
+    let mut err: *mut c_char = std::ptr::null_mut();
+    // SAFETY: the caller vouches for `data`; `shape` is read during the call
+    // only; `release::<T>` matches the callback's C signature and takes back
+    // the reference `ctx` holds. On an error the reference may leak, never
+    // double-free (the shim's contract).
+    let st = unsafe {
+        shim::sire_from_blob(
+            data.cast(),
+            shape.as_ptr(),
+            shape.len(),
+            crate::tier::cuda::scalar_type(kind),
+            release::<T>,
+            ctx,
+            &mut out,
+            &mut err,
+        )
+    };
+    shim::shim_status("from_blob", st, err)?;
+    assert!(!out.is_null(), "sire_from_blob succeeded without a tensor");
+    // SAFETY: on success `out` is a new heap `at::Tensor*` that nothing else
+    // owns; the `Tensor` takes it and frees it on drop (`at_free`).
+    Ok(unsafe { tch::Tensor::from_ptr(out) })
 }
 
 /// Gives the C allocator's free memory back to the system (`malloc_trim`):

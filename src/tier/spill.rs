@@ -39,7 +39,7 @@ use std::ops::Range;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use memmap2::{Advice, Mmap, UncheckedAdvice};
+use memmap2::{Advice, Mmap, MmapMut, MmapOptions, UncheckedAdvice};
 use safetensors::tensor::{Metadata, SafeTensors, TensorInfo};
 use safetensors::Dtype;
 use tch::{Device, Kind, Tensor};
@@ -251,8 +251,62 @@ fn parent_dir(path: &Path) -> &Path {
 /// fresh memory, the main cost of the copy, several times cheaper.
 #[cfg(test)]
 pub(crate) fn read(path: &Path, names: &[String], require_checksum: bool) -> Result<Vec<Tensor>> {
-    Ok(read_checked(path, names, Expect::Any { require_checksum }, None)?.tensors)
+    Ok(read_checked(path, names, Expect::Any { require_checksum }, How::Copy(None))?.tensors)
 }
+
+/// Maps the tensors named `names` from the safetensors file at `path`, as
+/// [`read`] checks them (see [`How::Map`]); `None` where a tensor is not
+/// aligned for its kind in the file.
+#[cfg(test)]
+pub(crate) fn map(path: &Path, names: &[String], require_checksum: bool) -> Result<Option<Vec<Tensor>>> {
+    let read = read_checked(path, names, Expect::Any { require_checksum }, How::Map { verified: None })?;
+    Ok(read.mapped.then_some(read.tensors))
+}
+
+/// How [`read_checked`] makes the tensors.
+enum How<'a> {
+    /// Copies the bytes into fresh tensors, or into `dest(slot)` when given.
+    Copy(Option<Dest<'a>>),
+    /// Maps the file privately (copy-on-write) and points the tensors at the
+    /// mapping, which lives as long as any of them: nothing is copied, a
+    /// write to a tensor copies only the page it writes. Every tensor's bytes
+    /// are verified first (checksums, recorded hashes), unless the file still
+    /// has the stamp `verified` it had when they all were. A file whose
+    /// tensors are not all aligned for their kinds is not mapped (the read
+    /// tells, and makes no tensor).
+    Map {
+        /// The file's stamp when every tensor of it was last verified.
+        verified: Option<Stamp>,
+    },
+}
+
+/// What identifies a file's contents without reading them: device, inode,
+/// size, modification and change times. Any write to the file, or another
+/// file put in its place, changes it (the change time cannot be set back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &fs::Metadata) -> Stamp {
+        Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            modified: (meta.mtime(), meta.mtime_nsec()),
+            changed: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// A private mapping of a file that tensors point into; unmapped when the
+/// last of them is freed.
+struct Mapping(#[allow(dead_code)] MmapMut);
 
 /// Where [`read_checked`] puts tensor `slot`: a contiguous CPU tensor that the
 /// caller allocated (a view into a packed, possibly pinned, home copy).
@@ -281,6 +335,10 @@ struct Read {
     /// The xxh3-64 of each tensor's bytes, where computed (always on the
     /// first read of a source file).
     sums: Vec<Option<u64>>,
+    /// Whether the tensors point into a mapping of the file ([`How::Map`]).
+    mapped: bool,
+    /// The file's stamp, if this read verified every tensor in the file.
+    verified: Option<Stamp>,
 }
 
 /// Opens `path` for reading, refusing (as [`Error::Corrupt`]) a symbolic
@@ -312,15 +370,11 @@ fn open_regular(path: &Path, ours: bool) -> Result<(File, fs::Metadata)> {
 }
 
 /// Reads the tensors named `names`, in that order, checking what `expect`
-/// says, copying each tensor straight from the mapping into `dest(slot)` when
-/// given (no intermediate buffer). A destination whose size, dtype or layout
-/// does not match the file is a [`Error::Corrupt`] before any copy.
-fn read_checked(
-    path: &Path,
-    names: &[String],
-    expect: Expect<'_>,
-    mut dest: Option<Dest<'_>>,
-) -> Result<Read> {
+/// says, as `how` says: copying each tensor straight from the mapping into
+/// `dest(slot)` when given (no intermediate buffer), or into a fresh tensor,
+/// or mapping them. A destination whose size, dtype or layout does not match
+/// the file is a [`Error::Corrupt`] before any copy.
+fn read_checked(path: &Path, names: &[String], expect: Expect<'_>, how: How<'_>) -> Result<Read> {
     let corrupt = |detail: String| Error::Corrupt { path: path.to_owned(), detail };
     let (file, meta) = open_regular(path, matches!(expect, Expect::Spill(_)))?;
     if let Expect::Source(source) = expect {
@@ -330,15 +384,25 @@ fn read_checked(
     if len < PREFIX_LEN as u64 {
         return Err(corrupt(format!("the file is {len} bytes long, too short for a safetensors header")));
     }
-    // SAFETY: the mapping is read-only and only read through slices that do
-    // not outlive it. `write` replaces a spill file by renaming a new file
-    // over it, which leaves the inode mapped here intact. Another process
-    // truncating the file meanwhile is outside this module's contract: it is
-    // caught when a window is populated, but racing the copy of a window it
-    // would raise SIGBUS.
-    let map = unsafe { Mmap::map(&file) }?;
+    let stamp = Stamp::of(&meta);
+    // SAFETY: a shared mapping is read-only and only read through slices that
+    // do not outlive it; a private one is copy-on-write: what is written to
+    // it never reaches the file. `write` replaces a spill file by renaming a
+    // new file over it, which leaves the inode mapped here intact. Another
+    // process truncating the file meanwhile is outside this module's
+    // contract: it is caught when pages are populated, but racing an access
+    // to an unpopulated page it would raise SIGBUS.
+    let (shared, mut private) = match how {
+        How::Copy(_) => (Some(unsafe { Mmap::map(&file) }?), None),
+        How::Map { .. } => (None, Some(unsafe { MmapOptions::new().map_copy(&file) }?)),
+    };
+    let bytes: &[u8] = match (&shared, &private) {
+        (Some(m), _) => m,
+        (None, Some(m)) => m,
+        (None, None) => unreachable!("one mapping is made"),
+    };
     let (header_len, metadata) =
-        SafeTensors::read_metadata(&map).map_err(|e| corrupt(format!("bad header: {e}")))?;
+        SafeTensors::read_metadata(bytes).map_err(|e| corrupt(format!("bad header: {e}")))?;
     let data_start = PREFIX_LEN + header_len;
     let extra = metadata.metadata().as_ref();
     if let Some(version) = extra.and_then(|m| m.get(FORMAT_KEY)) {
@@ -396,10 +460,20 @@ fn read_checked(
         .collect::<Result<Vec<_>>>()?;
     // Copy in file order, so that the file is read front to back.
     jobs.sort_by_key(|job| job.range.start);
+    let whole = jobs.len() == metadata.tensors().len();
+    let mut dest = match how {
+        How::Copy(dest) => dest,
+        How::Map { verified } => {
+            let map = private.take().expect("a private mapping for How::Map");
+            let skip = verified == Some(stamp);
+            return map_tensors(path, map, &jobs, skip, whole.then_some(stamp));
+        }
+    };
+    let map = shared.as_ref().expect("a shared mapping for How::Copy");
 
     // A hint only: it makes a cold file's read-ahead aggressive.
     let _ = map.advise(Advice::Sequential);
-    let mut copier = Copier { map: &map, path, page: page_size(), populate: true };
+    let mut copier = Copier { map, path, page: page_size(), populate: true };
     let mut out: Vec<Option<Tensor>> = names.iter().map(|_| None).collect();
     let mut sums = vec![None; names.len()];
     for job in &jobs {
@@ -430,7 +504,116 @@ fn read_checked(
         sums[job.slot] = sum;
     }
     let tensors = out.into_iter().map(|t| t.expect("every requested tensor was read")).collect();
-    Ok(Read { tensors, sums })
+    let all_hashed = sums.iter().all(Option::is_some);
+    Ok(Read { tensors, sums, mapped: false, verified: (whole && all_hashed).then_some(stamp) })
+}
+
+/// Hashes of tensors (by slot) computed by one thread of [`map_tensors`].
+type Hashed = Vec<(usize, Option<u64>)>;
+
+/// Points tensors at the private mapping `map` of the file at `path` for
+/// `jobs` (see [`How::Map`]), verifying their bytes first unless `skip`;
+/// `stamp` is the file's, if `jobs` are all its tensors. Makes no tensor
+/// (`mapped` false) where one is not aligned for its kind.
+fn map_tensors(
+    path: &Path,
+    mut map: MmapMut,
+    jobs: &[Job<'_>],
+    skip: bool,
+    stamp: Option<Stamp>,
+) -> Result<Read> {
+    let corrupt = |detail: String| Error::Corrupt { path: path.to_owned(), detail };
+    // The mapping starts on a page: a tensor is aligned if its offset is.
+    if jobs.iter().any(|job| job.range.start % job.kind.elt_size_in_bytes() != 0) {
+        return Ok(Read { tensors: Vec::new(), sums: Vec::new(), mapped: false, verified: None });
+    }
+    // Each tensor's pages are faulted in at once, where the kernel can (a
+    // file that shrank or cannot be read is an error here, not a SIGBUS),
+    // and hashed: by up to four threads, tensors dealt out by size.
+    let prepare = |job: &Job<'_>| -> Result<Option<u64>> {
+        let populated = match job.range.is_empty() {
+            true => Ok(()),
+            false => map.advise_range(Advice::PopulateRead, job.range.start, job.range.len()),
+        };
+        match populated {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(corrupt(format!("cannot read tensor `{}`: {e}", job.name))),
+        }
+        if !job.hash || skip {
+            return Ok(None);
+        }
+        let got = xxhash_rust::xxh3::xxh3_64(&map[job.range.clone()]);
+        check_hash(path, job, got)?;
+        Ok(Some(got))
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+    let total: usize = jobs.iter().map(|job| job.range.len()).sum();
+    let mut shares: Vec<Vec<&Job<'_>>> = vec![Vec::new(); threads];
+    let mut loads = vec![0usize; threads];
+    let mut by_size: Vec<&Job<'_>> = jobs.iter().collect();
+    by_size.sort_by_key(|job| std::cmp::Reverse(job.range.len()));
+    for job in by_size {
+        let least = (0..threads).min_by_key(|&i| loads[i]).unwrap_or(0);
+        loads[least] += job.range.len();
+        shares[least].push(job);
+    }
+    let run = |share: &[&Job<'_>]| {
+        share.iter().map(|&job| Ok((job.slot, prepare(job)?))).collect::<Result<Vec<_>>>()
+    };
+    let done: Vec<Result<Hashed>> = if threads == 1 || total < 16 * WINDOW {
+        vec![run(&jobs.iter().collect::<Vec<_>>())]
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = shares[1..].iter().map(|share| scope.spawn(|| run(share))).collect();
+            let mut done = vec![run(&shares[0])];
+            done.extend(
+                handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
+            );
+            done
+        })
+    };
+    let mut sums = vec![None; jobs.len()];
+    for share in done {
+        for (slot, sum) in share? {
+            sums[slot] = sum;
+        }
+    }
+    let base = map.as_mut_ptr();
+    let owner = std::sync::Arc::new(Mapping(map));
+    let mut out: Vec<Option<Tensor>> = jobs.iter().map(|_| None).collect();
+    for job in jobs {
+        // SAFETY: `job.range` lies inside the mapping (checked against the
+        // file's length when the header was read) and is aligned for
+        // `job.kind` (checked above); the mapping is private and writable,
+        // unmapped only when `owner`'s last reference goes, which the
+        // tensor's storage holds; the ranges of a valid file do not overlap.
+        let t = unsafe { ffi::tensor_over(base.add(job.range.start), &job.shape, job.kind, owner.clone()) }?;
+        out[job.slot] = Some(t);
+    }
+    let tensors = out.into_iter().map(|t| t.expect("every requested tensor was mapped")).collect();
+    let verified = stamp.filter(|_| skip || sums.iter().all(Option::is_some));
+    Ok(Read { tensors, sums, mapped: true, verified })
+}
+
+/// Compares the xxh3 `got` of `job`'s bytes with the checksum its file
+/// stores and the hash recorded when its source file was first read.
+fn check_hash(path: &Path, job: &Job<'_>, got: u64) -> Result<()> {
+    let corrupt = |detail: String| Error::Corrupt { path: path.to_owned(), detail };
+    if let Some(want) = job.checksum.filter(|&want| want != got) {
+        return Err(corrupt(format!(
+            "checksum mismatch for tensor `{}`: stored {want:016x}, computed {got:016x}",
+            job.name
+        )));
+    }
+    if let Some(want) = job.recorded.filter(|&want| want != got) {
+        return Err(corrupt(format!(
+            "the file changed after the model was loaded from it: tensor `{}` does not have the \
+             bytes read then (xxh3 {want:016x} then, {got:016x} now); sire does not reload a changed file",
+            job.name
+        )));
+    }
+    Ok(())
 }
 
 /// Who a spill file belongs to: the instance (the random name of its private
@@ -491,6 +674,8 @@ pub(crate) struct SpillFile {
     model: u64,
     /// The nonce of the last complete write; none before the first.
     written: Option<u128>,
+    /// The file's stamp when all its tensors were last verified.
+    verified: parking_lot::Mutex<Option<Stamp>>,
 }
 
 impl SpillFile {
@@ -498,7 +683,13 @@ impl SpillFile {
     /// `<dir>/<model>.safetensors`. The folder's name is the instance id.
     pub(crate) fn new(dir: &Path, model: u64) -> SpillFile {
         let instance = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        SpillFile { path: dir.join(format!("{model}.safetensors")), instance, model, written: None }
+        SpillFile {
+            path: dir.join(format!("{model}.safetensors")),
+            instance,
+            model,
+            written: None,
+            verified: parking_lot::Mutex::new(None),
+        }
     }
 
     /// Where the file is.
@@ -516,6 +707,7 @@ impl SpillFile {
             Identity { instance: self.instance.clone(), model: self.model, nonce: ffi::random_u128()? };
         let size = write_with(&self.path, tensors, Some(&identity))?;
         self.written = Some(identity.nonce);
+        *self.verified.lock() = None;
         Ok(size)
     }
 
@@ -524,6 +716,19 @@ impl SpillFile {
     /// process's user, have a checksum for every tensor and carry the identity
     /// of the model's last write: anything else is [`Error::Corrupt`].
     pub(crate) fn read_into(&self, names: &[String], dest: Option<Dest<'_>>) -> Result<Vec<Tensor>> {
+        Ok(self.read(names, How::Copy(dest))?.tensors)
+    }
+
+    /// Maps the tensors named `names` (see [`How::Map`]), with the checks of
+    /// [`SpillFile::read_into`]; their bytes are hashed only if the file
+    /// changed since they last were. `None` where the file cannot be mapped.
+    pub(crate) fn map(&self, names: &[String]) -> Result<Option<Vec<Tensor>>> {
+        let verified = *self.verified.lock();
+        let read = self.read(names, How::Map { verified })?;
+        Ok(read.mapped.then_some(read.tensors))
+    }
+
+    fn read(&self, names: &[String], how: How<'_>) -> Result<Read> {
         let Some(nonce) = self.written else {
             return Err(Error::Corrupt {
                 path: self.path.clone(),
@@ -531,13 +736,17 @@ impl SpillFile {
             });
         };
         let identity = Identity { instance: self.instance.clone(), model: self.model, nonce };
-        Ok(read_checked(&self.path, names, Expect::Spill(&identity), dest)?.tensors)
+        let read = read_checked(&self.path, names, Expect::Spill(&identity), how)?;
+        if read.verified.is_some() {
+            *self.verified.lock() = read.verified;
+        }
+        Ok(read)
     }
 }
 
 /// A safetensors file a model was loaded from, as it was when first read:
 /// its size, its modification time and the xxh3-64 of each tensor's bytes.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Source {
     /// The file (absolute, symlinks resolved when it was first read).
     path: PathBuf,
@@ -547,6 +756,20 @@ pub(crate) struct Source {
     /// The hash of each tensor's bytes, recorded by the first read of the
     /// tensors (a set opened from its header alone has not read them yet).
     sums: std::sync::OnceLock<HashMap<String, u64>>,
+    /// The file's stamp when all its tensors were last hashed and matched.
+    verified: parking_lot::Mutex<Option<Stamp>>,
+}
+
+impl Clone for Source {
+    fn clone(&self) -> Source {
+        Source {
+            path: self.path.clone(),
+            len: self.len,
+            modified: self.modified,
+            sums: self.sums.clone(),
+            verified: parking_lot::Mutex::new(*self.verified.lock()),
+        }
+    }
 }
 
 impl Source {
@@ -561,7 +784,28 @@ impl Source {
     /// then (checked as it is copied): a file that changed is
     /// [`Error::Corrupt`] naming it, and nothing read is used.
     pub(crate) fn read_into(&self, names: &[String], dest: Option<Dest<'_>>) -> Result<Vec<Tensor>> {
-        let read = read_checked(&self.path, names, Expect::Source(self), dest)?;
+        Ok(self.read(names, How::Copy(dest))?.tensors)
+    }
+
+    /// Maps the tensors named `names` (see [`How::Map`]), with the checks of
+    /// [`Source::read_into`]; their bytes are hashed on the first read and
+    /// again only if the file's stamp changed since they last matched. `None`
+    /// where the file cannot be mapped.
+    pub(crate) fn map(&self, names: &[String]) -> Result<Option<Vec<Tensor>>> {
+        let verified = *self.verified.lock();
+        let read = self.read(names, How::Map { verified })?;
+        Ok(read.mapped.then_some(read.tensors))
+    }
+
+    fn read(&self, names: &[String], how: How<'_>) -> Result<Read> {
+        let mapping = matches!(how, How::Map { .. });
+        let read = read_checked(&self.path, names, Expect::Source(self), how)?;
+        if mapping && !read.mapped {
+            return Ok(read);
+        }
+        if read.verified.is_some() {
+            *self.verified.lock() = read.verified;
+        }
         if self.sums.get().is_none() {
             // The first read of the tensors: their hashes are the reference now.
             let sums = names
@@ -571,7 +815,7 @@ impl Source {
                 .collect();
             let _ = self.sums.set(sums);
         }
-        Ok(read.tensors)
+        Ok(read)
     }
 
     /// Checks the size and modification time of the file just opened.
@@ -639,8 +883,13 @@ pub(crate) fn open_source(path: &Path) -> Result<(Vec<Declared>, Source)> {
         found.push((start, name, kind, shape));
     }
     found.sort_by_key(|(start, ..)| *start);
-    let source =
-        Source { len, modified: (meta.mtime(), meta.mtime_nsec()), sums: std::sync::OnceLock::new(), path };
+    let source = Source {
+        len,
+        modified: (meta.mtime(), meta.mtime_nsec()),
+        sums: std::sync::OnceLock::new(),
+        verified: parking_lot::Mutex::new(None),
+        path,
+    };
     Ok((found.into_iter().map(|(_, n, k, s)| (n, k, s)).collect(), source))
 }
 
@@ -999,22 +1248,8 @@ impl Copier<'_> {
             pos = end;
         }
         let got = hasher.map(|h| h.digest());
-        if let (Some(want), Some(got)) = (job.checksum, got) {
-            if got != want {
-                return Err(corrupt(format!(
-                    "checksum mismatch for tensor `{}`: stored {want:016x}, computed {got:016x}",
-                    job.name
-                )));
-            }
-        }
-        if let (Some(want), Some(got)) = (job.recorded, got) {
-            if got != want {
-                return Err(corrupt(format!(
-                    "the file changed after the model was loaded from it: tensor `{}` does not have the \
-                     bytes read then (xxh3 {want:016x} then, {got:016x} now); sire does not reload a changed file",
-                    job.name
-                )));
-            }
+        if let Some(got) = got {
+            check_hash(self.path, job, got)?;
         }
         Ok((tensor, got))
     }

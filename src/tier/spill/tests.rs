@@ -625,3 +625,114 @@ fn kind_conversions_round_trip() {
     assert_eq!(parse_checksum("+0000000000000ff"), None);
     assert_eq!(parse_checksum("ff"), None);
 }
+
+/// The mappings of `path` in this process (lines of `/proc/self/maps`).
+fn mappings_of(path: &Path) -> usize {
+    let path = fs::canonicalize(path).unwrap();
+    let maps = fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines().filter(|l| l.ends_with(path.to_str().unwrap())).count()
+}
+
+#[test]
+fn mapped_tensors_are_bit_identical_and_point_into_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.spill");
+    let tensors = sample();
+    write(&path, &tensors).unwrap();
+    let names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
+    let mapped = map(&path, &names, true).unwrap().expect("a spill file is aligned");
+    for ((name, want), got) in tensors.iter().zip(&mapped) {
+        assert_eq!(raw(got), raw(want), "{name}");
+        assert_eq!((got.kind(), got.size()), (want.kind(), want.size()), "{name}");
+    }
+    assert_eq!(mappings_of(&path), 1, "one mapping of the file, shared by the tensors");
+    // A write copies the page: the tensor changes, the file does not.
+    let before = fs::read(&path).unwrap();
+    let _ = mapped[1].shallow_clone().fill_(7.0);
+    assert_eq!(mapped[1].double_value(&[0, 0]), 7.0);
+    assert_eq!(fs::read(&path).unwrap(), before);
+    // The mapping lives as long as any tensor over it, on any thread.
+    let keep = mapped[2].shallow_clone();
+    drop(mapped);
+    assert_eq!(mappings_of(&path), 1);
+    let want = raw(&tensors[2].1);
+    std::thread::spawn(move || assert_eq!(raw(&keep), want)).join().unwrap();
+    assert_eq!(mappings_of(&path), 0, "unmapped with the last tensor");
+}
+
+#[test]
+fn mapping_checks_what_reading_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.spill");
+    write(&path, &sample()).unwrap();
+    let names = strings(&["f32", "f64"]);
+    // A flipped byte in the data: the checksum catches it before any tensor is made.
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    fs::write(&path, &bytes).unwrap();
+    let all = strings(&["u8", "f32", "f64", "f16", "bf16", "i64", "bool"]);
+    let all: Vec<String> = all.into_iter().filter(|n| sample().iter().any(|(m, _)| m == n)).collect();
+    let detail = corrupt_detail(map(&path, &all, true));
+    assert!(detail.contains("checksum mismatch"), "{detail}");
+    assert_eq!(mappings_of(&path), 0, "nothing kept mapped after an error");
+    // A truncated file is an error, not a SIGBUS.
+    write(&path, &sample()).unwrap();
+    let full = fs::metadata(&path).unwrap().len();
+    File::options().write(true).open(&path).unwrap().set_len(full - 64).unwrap();
+    assert!(matches!(map(&path, &names, true), Err(Error::Corrupt { .. })));
+}
+
+#[test]
+fn a_file_with_misaligned_tensors_is_not_mapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("odd.safetensors");
+    // 3 bytes of u8 first: the f32 after it starts 3 bytes into the data
+    // (a valid file that safetensors' own writer would not lay out).
+    let b = Tensor::from_slice(&[1.5f32, -2.0, 3.25, 0.0]);
+    let header = br#"{"a":{"dtype":"U8","shape":[3],"data_offsets":[0,3]},"b":{"dtype":"F32","shape":[4],"data_offsets":[3,19]}}"#;
+    let mut header = header.to_vec();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&header);
+    file.extend_from_slice(&[1, 2, 3]);
+    file.extend_from_slice(&raw(&b));
+    fs::write(&path, &file).unwrap();
+    assert!(map(&path, &strings(&["a", "b"]), false).unwrap().is_none());
+    let read = read(&path, &strings(&["a", "b"]), false).unwrap();
+    assert!(read[1].equal(&b));
+}
+
+#[test]
+fn a_source_is_hashed_when_first_mapped_and_again_only_if_its_stamp_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("src.safetensors");
+    let (a, b) = (Tensor::randn([1024], cpu(Kind::Float)), Tensor::randn([64, 4], cpu(Kind::Float)));
+    Tensor::write_safetensors(&[("a", &a), ("b", &b)], &path).unwrap();
+    let (_, source) = open_source(&path).unwrap();
+    let names = strings(&["a", "b"]);
+    let got = source.map(&names).unwrap().unwrap();
+    assert!(got[0].equal(&a) && got[1].equal(&b));
+    assert!(source.sums.get().is_some(), "the first map records the hashes");
+    let stamp = source.verified.lock().expect("verified");
+    drop(got);
+    assert!(source.map(&names).unwrap().unwrap()[0].equal(&a));
+    assert_eq!(*source.verified.lock(), Some(stamp));
+
+    // New bytes, the old modification time put back: the stamp differs
+    // (change time), so the bytes are hashed again and the change is caught.
+    let before = fs::metadata(&path).unwrap().modified().unwrap();
+    let bytes = fs::read(&path).unwrap();
+    let mut changed = bytes.clone();
+    let last = changed.len() - 1;
+    changed[last] ^= 0x01;
+    fs::write(&path, &changed).unwrap();
+    File::options().write(true).open(&path).unwrap().set_modified(before).unwrap();
+    let detail = corrupt_detail(source.map(&names));
+    assert!(detail.contains("changed after the model was loaded"), "{detail}");
+    // Put back exactly: hashed again, accepted, and the new stamp recorded.
+    fs::write(&path, &bytes).unwrap();
+    File::options().write(true).open(&path).unwrap().set_modified(before).unwrap();
+    assert!(source.map(&names).unwrap().unwrap()[1].equal(&b));
+    assert_ne!(*source.verified.lock(), Some(stamp));
+}
