@@ -164,6 +164,16 @@ int sire_from_blob(void* data, const int64_t* dims, size_t ndims, int dtype,
   });
 }
 
+// How many references the tensor's storage has (the tensor's own included):
+// 1 means no other tensor, view or handle shares its memory.
+int sire_storage_use_count(const void* tensor, int64_t* out, char** err) {
+  return guarded(err, [&] {
+    const auto& t = *static_cast<const at::Tensor*>(tensor);
+    *out = t.has_storage() ? static_cast<int64_t>(t.storage().use_count()) : 0;
+    return SIRE_OK;
+  });
+}
+
 // Whether the tensor's memory is pinned host memory (0 without CUDA).
 int sire_is_pinned(const void* tensor, int* out, char** err) {
   return guarded(err, [&] {

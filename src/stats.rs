@@ -54,8 +54,13 @@ pub struct PoolStats {
     pub location: Location,
     /// Its budget in bytes.
     pub budget: u64,
-    /// Bytes held there by managed models (including moves under way).
+    /// Bytes held there: by managed models (including moves under way), plus
+    /// [`cached`](PoolStats::cached).
     pub used: u64,
+    /// Bytes of host buffers that evicted models left behind, kept for the
+    /// next load to reuse (no fresh pages to fault in and zero) and given back
+    /// before anything else when room is needed. Host pool only; 0 elsewhere.
+    pub cached: u64,
     /// The models there, most recently used first.
     pub residents: Vec<Resident>,
 }
@@ -66,7 +71,7 @@ pub struct PoolStats {
 pub struct Resident {
     /// The model's name.
     pub name: String,
-    /// Bytes it holds in this pool (`used` is the sum of these).
+    /// Bytes it holds in this pool (`used` is the sum of these and `cached`).
     pub bytes: u64,
     /// Live guards on the model.
     pub in_use: u64,
@@ -158,6 +163,15 @@ impl fmt::Display for Stats {
                 pct,
                 if names.is_empty() { "-".to_string() } else { names.join(", ") }
             )?;
+            if p.cached > 0 {
+                writeln!(
+                    f,
+                    "{:<8} {:>12} {:>12}         (host buffers kept for reuse)",
+                    "",
+                    "",
+                    fmt_bytes(p.cached)
+                )?;
+            }
         }
         writeln!(
             f,

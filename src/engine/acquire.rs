@@ -14,6 +14,8 @@ pub(super) struct Loading<'a> {
     pinned: Cell<bool>,
     /// Pinned bytes reserved for it.
     pin_reserved: u64,
+    /// A cached host buffer to read the model into (taken from the ledger).
+    reuse: Cell<Option<tch::Tensor>>,
 }
 
 impl Engine {
@@ -179,6 +181,14 @@ impl Engine {
                 }
             }
             needs.sort_by_key(|(loc, _)| *loc != Location::Cpu);
+            // Loads that will copy into pageable host memory reuse cached
+            // buffers where one fits: those bytes are already charged.
+            let wants: Vec<(usize, u64)> = jobs
+                .iter()
+                .filter(|(i, job)| self.copies_to_pageable(&lk, &cores[*i], job))
+                .map(|(i, _)| (*i, cores[*i].bytes))
+                .collect();
+            let mut matched = if wants.is_empty() { Vec::new() } else { lk.cache_match(&wants) };
             let ids: Vec<u64> = cores.iter().map(|c| c.id).collect();
             let first = &cores[jobs.first().map_or(0, |(i, _)| *i)];
             for &(loc, n) in &needs {
@@ -197,12 +207,22 @@ impl Engine {
                         budget,
                     });
                 }
-                self.reclaim_spares(&mut lk, loc, n);
+                let n = if loc == Location::Cpu {
+                    let keep: Vec<usize> = matched.iter().map(|&(_, c)| c).collect();
+                    let reused: u64 = matched.iter().map(|&(i, _)| cores[i].bytes).sum();
+                    let n = n.saturating_sub(reused);
+                    self.reclaim_spares(&mut lk, loc, n, &keep);
+                    matched = if wants.is_empty() { Vec::new() } else { lk.cache_match(&wants) };
+                    n
+                } else {
+                    self.reclaim_spares(&mut lk, loc, n, &[]);
+                    n
+                };
                 match self.room(&mut lk, loc, n, &ids, &failed, phys.get(&loc).copied()) {
                     Room::Free => continue,
                     Room::Evict(victims) => {
                         let claims = self.claim_victims(&mut lk, &victims, loc, &mut failed);
-                        for (id, e) in self.run_evictions(&mut lk, claims) {
+                        for (id, e) in self.run_evictions(&mut lk, claims, true) {
                             // A victim that cannot leave is passed over from now on.
                             failed.push(id);
                             evict_err.get_or_insert(e);
@@ -240,6 +260,9 @@ impl Engine {
                 continue 'retry;
             }
             // Reserve everything, hold the models already in place, then move without the lock.
+            let indices: Vec<usize> = matched.iter().map(|&(_, c)| c).collect();
+            let mut reused: HashMap<usize, tch::Tensor> =
+                matched.iter().map(|&(i, _)| i).zip(lk.cache_take(&indices)).collect();
             let mut loading: Vec<Loading<'a>> = Vec::with_capacity(jobs.len());
             for (i, mut job) in jobs {
                 let c = &cores[i];
@@ -267,6 +290,7 @@ impl Engine {
                     host_done: Cell::new(false),
                     pinned: Cell::new(false),
                     pin_reserved,
+                    reuse: Cell::new(reused.remove(&i)),
                 });
             }
             let mut uses: Vec<Option<Use<'a>>> = Vec::with_capacity(cores.len());
@@ -336,7 +360,9 @@ impl Engine {
             .map(|(l, d)| {
                 let c = &cores[l.index];
                 unwind_safe(&c.name, || {
-                    let (s, pinned) = self.transfer.stage(c, d, &l.job, &l.host_done, &self.counters)?;
+                    let reuse = l.reuse.take();
+                    let (s, pinned) =
+                        self.transfer.stage(c, d, &l.job, &l.host_done, &self.counters, reuse)?;
                     l.pinned.set(pinned);
                     Ok(s)
                 })
@@ -404,6 +430,14 @@ impl Engine {
         self.oom(lk, core, loc, n, waited)
     }
 
+    /// Whether loading `c` as `job` copies it into pageable host memory (not
+    /// mapped, not pinned): such a load can reuse a cached buffer.
+    fn copies_to_pageable(&self, lk: &Locked<'_>, c: &ModelCore, job: &LoadJob) -> bool {
+        let cpu = c.runtime() == Location::Cpu;
+        let pins = !cpu && self.transfer.pin != Pinning::Off && c.bytes > 0 && c.bytes <= lk.pinned_free();
+        job.host && c.bytes > 0 && !(cpu && self.transfer.map_files) && !pins
+    }
+
     /// Gives one use back.
     #[inline]
     pub(crate) fn release(&self, core: &ModelCore) {
@@ -430,7 +464,7 @@ impl Engine {
         lk.changed = true; // waiters look again
         if core.policy == OffloadPolicy::Eager {
             let claims = self.claim(&mut lk, &[core.id], core.runtime());
-            for (_, e) in self.run_evictions(&mut lk, claims) {
+            for (_, e) in self.run_evictions(&mut lk, claims, false) {
                 tracing::warn!(model = %core.name, error = %e, "eager offload failed; the model stays resident");
             }
         }
@@ -463,7 +497,7 @@ impl Engine {
                 }
                 return Err(self.oom(&lk, core, Location::Disk, core.bytes, None));
             }
-            return match self.run_evictions(&mut lk, claims).into_iter().next() {
+            return match self.run_evictions(&mut lk, claims, false).into_iter().next() {
                 Some((_, e)) => Err(e),
                 None => Ok(()),
             };

@@ -116,7 +116,7 @@ impl Engine {
         let need = res.charge(core, Location::Cpu);
         let mut failed = Vec::new();
         loop {
-            self.reclaim_spares(&mut lk, Location::Cpu, need);
+            self.reclaim_spares(&mut lk, Location::Cpu, need, &[]);
             let room = self.room(&mut lk, Location::Cpu, need, &[core.id], &failed, None);
             match room {
                 Room::Free => {
@@ -139,7 +139,7 @@ impl Engine {
                 }
                 Room::Evict(victims) => {
                     let claims = self.claim_victims(&mut lk, &victims, Location::Cpu, &mut failed);
-                    failed.extend(self.run_evictions(&mut lk, claims).into_iter().map(|(id, _)| id));
+                    failed.extend(self.run_evictions(&mut lk, claims, false).into_iter().map(|(id, _)| id));
                 }
                 _ => break,
             }
@@ -161,11 +161,11 @@ impl Engine {
         let res = lk.unlocked(|| {
             let mut d = core.data.lock();
             unwind_safe(&core.name, || {
-                self.transfer.evict(core, &mut d, &job, &Cell::new(false), &self.counters)
+                self.transfer.evict(core, &mut d, &job, &Cell::new(false), &self.counters, false)
             })
         });
         match res {
-            Ok(()) => {
+            Ok(_) => {
                 lk.set_moving(core.id, false);
                 self.emit(core, EventKind::Registered, None, Some(Location::Disk));
                 Ok(())

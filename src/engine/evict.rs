@@ -181,30 +181,34 @@ impl Engine {
     }
 
     /// Runs claimed evictions without the lock, then publishes their results.
-    /// Returns the victims that could not leave, with why.
+    /// Returns the victims that could not leave, with why. With `keep`, the
+    /// host buffers they release are kept in the ledger's cache where they
+    /// can be (room is being made for a load that may reuse them).
     pub(super) fn run_evictions<'a>(
         &'a self,
         lk: &mut Locked<'a>,
         claims: Vec<Claim<'a>>,
+        keep: bool,
     ) -> Vec<(u64, Error)> {
         if claims.is_empty() {
             return Vec::new();
         }
         let frees_host = claims.iter().any(|cl| cl.job.spill);
-        let results: Vec<(Result<()>, bool)> = lk.unlocked(|| {
-            let results = claims
+        let results: Vec<(Result<Option<tch::Tensor>>, bool)> = lk.unlocked(|| {
+            let results: Vec<(Result<Option<tch::Tensor>>, bool)> = claims
                 .iter()
                 .map(|cl| {
                     let c = &cl.reservation.core;
                     let dropped = Cell::new(false);
                     let mut d = c.data.lock();
                     let r = unwind_safe(&c.name, || {
-                        self.transfer.evict(c, &mut d, &cl.job, &dropped, &self.counters)
+                        self.transfer.evict(c, &mut d, &cl.job, &dropped, &self.counters, keep)
                     });
                     (r, dropped.get())
                 })
                 .collect();
-            if frees_host {
+            let kept_all = results.iter().all(|(r, _)| matches!(r, Ok(Some(_))));
+            if frees_host && !kept_all {
                 // Host memory given up must leave the process, not linger in the
                 // C allocator's free lists: the host budget is about the RSS.
                 crate::tier::ffi::release_free_memory();
@@ -221,7 +225,7 @@ impl Engine {
                 to.patch = 0; // the patches were dropped first, whatever followed
             }
             match res {
-                Ok(()) => {
+                Ok(kept) => {
                     self.counters.evictions.fetch_add(1, Relaxed);
                     if cl.job.drop_dev {
                         to.dev = false;
@@ -232,6 +236,12 @@ impl Engine {
                         to.disk = cl.disk;
                     }
                     cl.reservation.publish(lk, to);
+                    if let Some(buf) = kept {
+                        let bytes = buf.numel() as u64;
+                        if let Some(back) = lk.cache_put(buf, bytes) {
+                            lk.free_later(vec![back]);
+                        }
+                    }
                     let (kind, from) = if was_runtime {
                         (EventKind::Offloaded, c.runtime())
                     } else {

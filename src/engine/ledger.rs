@@ -113,6 +113,22 @@ pub(crate) struct Ledger {
     pinned_used: u64,
     /// The names in use: one model, one name (stats, events and errors name models).
     names: HashSet<String>,
+    /// Host buffers of evicted models kept for reuse, oldest first (see
+    /// [`Ledger::cache_put`]); their bytes are part of the host pool's `used`.
+    cache: Vec<Cached>,
+}
+
+/// A host buffer in the ledger's cache: a pageable `Uint8` CPU tensor that
+/// owns its storage, and its size.
+pub(crate) struct Cached {
+    pub bytes: u64,
+    pub buf: tch::Tensor,
+}
+
+/// Whether a cached buffer of `have` bytes fits a load of `want` bytes: large
+/// enough, and not more than a quarter (plus one huge page) larger.
+pub(crate) fn fits(have: u64, want: u64) -> bool {
+    have >= want && have <= want + want / 4 + (2 << 20)
 }
 
 impl Ledger {
@@ -123,6 +139,7 @@ impl Ledger {
             pinned_cap,
             pinned_used: 0,
             names: HashSet::new(),
+            cache: Vec::new(),
         }
     }
 
@@ -248,8 +265,92 @@ impl Ledger {
         self.transition(id, r);
     }
 
+    /// Bytes of the host pool held by cached buffers.
+    pub(crate) fn cached(&self) -> u64 {
+        self.cache.iter().map(|c| c.bytes).sum()
+    }
+
+    /// Keeps `buf` (`bytes` of pageable host memory that nothing else
+    /// references) for reuse, charging it to the host pool, if there is room;
+    /// else hands it back (to be freed by the caller, outside the lock).
+    pub(crate) fn cache_put(&mut self, buf: tch::Tensor, bytes: u64) -> Option<tch::Tensor> {
+        match self.pools.iter_mut().find(|p| p.location == Location::Cpu) {
+            Some(p) if p.budget.saturating_sub(p.used) >= bytes => {
+                p.used += bytes;
+                self.cache.push(Cached { bytes, buf });
+                self.check();
+                None
+            }
+            _ => Some(buf),
+        }
+    }
+
+    /// Chooses a cached buffer for each load in `wants` (a key and the bytes
+    /// it needs), largest loads first, each the smallest that
+    /// [`fits`]; returns (key, cache index) pairs.
+    pub(crate) fn cache_match(&self, wants: &[(usize, u64)]) -> Vec<(usize, usize)> {
+        let mut wants = wants.to_vec();
+        wants.sort_by_key(|(_, b)| std::cmp::Reverse(*b));
+        let mut taken = vec![false; self.cache.len()];
+        let mut out = Vec::new();
+        for (key, want) in wants {
+            let best = (0..self.cache.len())
+                .filter(|&i| !taken[i] && fits(self.cache[i].bytes, want))
+                .min_by_key(|&i| self.cache[i].bytes);
+            if let Some(i) = best {
+                taken[i] = true;
+                out.push((key, i));
+            }
+        }
+        out
+    }
+
+    /// Removes the cached buffers at `indices` (from [`Ledger::cache_match`]
+    /// under the same hold of the lock), releasing their charge; returns them
+    /// in the order of `indices`.
+    pub(crate) fn cache_take(&mut self, indices: &[usize]) -> Vec<tch::Tensor> {
+        let mut order: Vec<usize> = (0..indices.len()).collect();
+        order.sort_by_key(|&k| std::cmp::Reverse(indices[k]));
+        let mut out: Vec<Option<tch::Tensor>> = indices.iter().map(|_| None).collect();
+        for k in order {
+            let c = self.cache.remove(indices[k]);
+            self.release_cpu(c.bytes);
+            out[k] = Some(c.buf);
+        }
+        self.check();
+        out.into_iter().map(|b| b.expect("each index taken once")).collect()
+    }
+
+    /// Gives back cached buffers, oldest first, sparing those at `keep`, until
+    /// the host pool has `need` bytes free or none is left; returns them (to
+    /// be freed outside the lock).
+    pub(crate) fn cache_reclaim(&mut self, need: u64, keep: &[usize]) -> Vec<tch::Tensor> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        let mut index = 0; // the entry's index before any removal (what `keep` names)
+        while i < self.cache.len() && self.free(Location::Cpu) < need {
+            if keep.contains(&index) {
+                i += 1;
+            } else {
+                let c = self.cache.remove(i);
+                self.release_cpu(c.bytes);
+                out.push(c.buf);
+            }
+            index += 1;
+        }
+        self.check();
+        out
+    }
+
+    fn release_cpu(&mut self, bytes: u64) {
+        if let Some(p) = self.pools.iter_mut().find(|p| p.location == Location::Cpu) {
+            p.used -= bytes;
+        }
+    }
+
     /// The invariants, checked after every transition in debug builds: each
-    /// pool's `used` is the sum of its residents' charges and within its
+    /// pool's `used` is the sum of its residents' charges (plus the cached
+    /// buffers, for the host pool) and within its
     /// budget; pinned bytes are the sum of pinned homes, within the cap, and
     /// only held by models with a host copy.
     #[inline]
@@ -264,9 +365,15 @@ impl Ledger {
     /// The invariants as a result (for tests).
     pub(crate) fn verify(&self) -> Result<(), String> {
         for p in &self.pools {
-            let sum: u64 = self.models.values().map(|e| e.res.charge(&e.core, p.location)).sum();
+            let mut sum: u64 = self.models.values().map(|e| e.res.charge(&e.core, p.location)).sum();
+            if p.location == Location::Cpu {
+                sum += self.cached();
+            }
             if p.used != sum {
-                return Err(format!("{}: used {} != sum of charges {sum}", p.location, p.used));
+                return Err(format!(
+                    "{}: used {} != sum of charges {sum} (cached buffers included)",
+                    p.location, p.used
+                ));
             }
             if p.used > p.budget {
                 return Err(format!("{}: used {} > budget {}", p.location, p.used, p.budget));

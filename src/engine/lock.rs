@@ -33,6 +33,8 @@ pub(crate) struct Locked<'a> {
     pub(super) engine: &'a Engine,
     pub(super) st: Option<MutexGuard<'a, Ledger>>,
     pub(super) changed: bool,
+    /// Host buffers given back under the lock, freed once it is released.
+    pub(super) garbage: Vec<tch::Tensor>,
 }
 
 impl<'a> Locked<'a> {
@@ -69,11 +71,20 @@ impl<'a> Locked<'a> {
         }
     }
 
+    /// Frees `bufs` (host buffers given back) once the lock is released.
+    pub(super) fn free_later(&mut self, bufs: Vec<tch::Tensor>) {
+        self.garbage.extend(bufs);
+    }
+
     /// Runs `f` without the lock.
     pub(crate) fn unlocked<R>(&mut self, f: impl FnOnce() -> R) -> R {
         self.flush();
+        let garbage = std::mem::take(&mut self.garbage);
         let _relocked = Released::new(self.engine);
-        MutexGuard::unlocked(self.st.as_mut().expect("held"), f)
+        MutexGuard::unlocked(self.st.as_mut().expect("held"), || {
+            free_buffers(garbage);
+            f()
+        })
     }
 
     /// Applies deferred work and wakes waiters for changes made so far.
@@ -87,6 +98,10 @@ impl<'a> Locked<'a> {
     /// Waits for a change (a release, a finished move) as `wait` allows.
     pub(crate) fn wait(&mut self, wait: Wait) -> std::result::Result<(), Gave> {
         self.flush();
+        let garbage = std::mem::take(&mut self.garbage);
+        if !garbage.is_empty() {
+            self.unlocked(|| free_buffers(garbage));
+        }
         let _relocked = Released::new(self.engine);
         self.engine.signal.wait(self.st.as_mut().expect("held"), wait)
     }
@@ -96,6 +111,15 @@ impl<'a> Locked<'a> {
         self.flush();
         let _relocked = Released::new(self.engine);
         self.engine.signal.wait_forever(self.st.as_mut().expect("held"));
+    }
+}
+
+/// Frees host buffers given back (outside the engine's lock) and returns
+/// their memory to the system.
+fn free_buffers(bufs: Vec<tch::Tensor>) {
+    if !bufs.is_empty() {
+        drop(bufs);
+        crate::tier::ffi::release_free_memory();
     }
 }
 
@@ -141,6 +165,7 @@ impl Drop for Locked<'_> {
             .collect();
         drop(self.st.take());
         HELD.set(0);
+        free_buffers(std::mem::take(&mut self.garbage));
         if self.changed {
             self.engine.signal.notify();
         }

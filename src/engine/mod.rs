@@ -165,7 +165,7 @@ impl Engine {
         debug_assert!(!self.held_here(), "the engine's lock is not reentrant");
         let st = self.state.lock();
         HELD.set(self as *const Engine as usize);
-        Locked { engine: self, st: Some(st), changed: false }
+        Locked { engine: self, st: Some(st), changed: false, garbage: Vec::new() }
     }
 
     /// Whether the calling thread holds this engine's lock.

@@ -71,7 +71,8 @@ impl Engine {
                     })
                     .collect();
                 residents.sort_by_key(|r| std::cmp::Reverse(r.last_used));
-                PoolStats { location: p.location, budget: p.budget, used: p.used(), residents }
+                let cached = if p.location == Location::Cpu { lk.cached() } else { 0 };
+                PoolStats { location: p.location, budget: p.budget, used: p.used(), cached, residents }
             })
             .collect();
         let hits = lk.entries().map(|e| e.core.hits.load(Relaxed)).sum::<u64>()

@@ -8,7 +8,9 @@ impl Engine {
     /// Sets the bytes of commit patch buffers charged to the model's runtime pool,
     /// making room by evicting idle models, or waiting, when it grows. The caller
     /// holds a use of the model, so it is resident and stays. Never called with
-    /// the model's data lock held.
+    /// the model's data lock held. Returns early, short of `bytes`, when making
+    /// room gave up the model's own spare buffers (which `bytes` counted): the
+    /// caller counts what it needs again.
     pub(crate) fn set_patch_bytes(&self, core: &ModelCore, bytes: u64, wait: Wait) -> Result<()> {
         let wait = wait.start();
         let _counted = self.signal.count();
@@ -22,7 +24,12 @@ impl Engine {
                 return Ok(());
             }
             let need = bytes - have;
-            self.reclaim_spares(&mut lk, loc, need);
+            self.reclaim_spares(&mut lk, loc, need, &[]);
+            if lk.res(core.id).patch != have {
+                // Its own spares were given up: `bytes` counted them, so the
+                // caller must count again (it calls again if still short).
+                return Ok(());
+            }
             match self.room(&mut lk, loc, need, &[core.id], &failed, None) {
                 Room::Free => {
                     lk.update(core.id, |r| r.patch = bytes);
@@ -30,7 +37,7 @@ impl Engine {
                 }
                 Room::Evict(victims) => {
                     let claims = self.claim_victims(&mut lk, &victims, loc, &mut failed);
-                    failed.extend(self.run_evictions(&mut lk, claims).into_iter().map(|(id, _)| id));
+                    failed.extend(self.run_evictions(&mut lk, claims, false).into_iter().map(|(id, _)| id));
                 }
                 Room::Wait => {
                     if let Err(g) = lk.wait(wait) {
@@ -73,14 +80,22 @@ impl Engine {
         self.lock().get(core.id).map_or(0, |e| e.res().patch)
     }
 
-    /// Frees the spare patch buffers of models running on `loc` (least recently
-    /// used first) until `need` bytes are free there or none are left: spares
-    /// are a cache, given up before any model is evicted. A spare is never what
-    /// a weight points at, so this is safe even while guards are alive; a model
-    /// whose weights are locked (a rebase under way) is skipped.
-    pub(super) fn reclaim_spares(&self, lk: &mut Locked<'_>, loc: Location, need: u64) {
+    /// Gives back the host pool's cached buffers (sparing those at `keep`),
+    /// then frees the spare patch buffers of models running on `loc` (least
+    /// recently used first), until `need` bytes are free there or none are
+    /// left: both are caches, given up before any model is evicted. A spare is
+    /// never what a weight points at, so this is safe even while guards are
+    /// alive; a model whose weights are locked (a rebase under way) is skipped.
+    pub(super) fn reclaim_spares(&self, lk: &mut Locked<'_>, loc: Location, need: u64, keep: &[usize]) {
         if lk.free(loc) >= need {
             return;
+        }
+        if loc == Location::Cpu {
+            let given = lk.cache_reclaim(need, keep);
+            if !given.is_empty() {
+                tracing::debug!(buffers = given.len(), "gave back cached host buffers to make room");
+                lk.free_later(given);
+            }
         }
         let mut cands: Vec<(u64, Arc<ModelCore>)> = lk
             .entries()

@@ -126,7 +126,8 @@ impl Transfer {
                 Err(e) => tracing::warn!(bytes, error = %e, "pinning failed; the home copy stays pageable"),
             }
         }
-        let t = Tensor::f_empty([bytes as i64], (Kind::Uint8, Device::Cpu))?;
+        let t = Tensor::f_empty([host_size(bytes) as i64], (Kind::Uint8, Device::Cpu))?;
+        prefer_huge_pages(&t);
         Ok((t, pin && self.pin == Pinning::Simulated))
     }
 
@@ -157,7 +158,9 @@ impl Transfer {
 
     /// Performs an eviction's moves on a model whose data the caller locked.
     /// `dev_dropped` tells, on failure, whether the device copy is already gone
-    /// (the model is then whole in host memory).
+    /// (the model is then whole in host memory). When the host copy is
+    /// released and `keep` allows, returns its packed buffer for reuse if it
+    /// is pageable and nothing else references it.
     pub(crate) fn evict(
         &self,
         c: &ModelCore,
@@ -165,7 +168,8 @@ impl Transfer {
         job: &EvictJob,
         dev_dropped: &Cell<bool>,
         counters: &Counters,
-    ) -> Result<()> {
+        keep: bool,
+    ) -> Result<Option<Tensor>> {
         let span = tracing::debug_span!("sire.evict", model = %c.name, bytes = c.bytes, from = %c.runtime(), to = %c.offload, cause = job.cause);
         let _evict = span.enter();
         let start = Instant::now();
@@ -227,18 +231,24 @@ impl Transfer {
                 let empty = Tensor::empty([0i64], (g.kind, Device::Cpu));
                 g.set_data(&empty);
             }
-            d.pack = None;
+            let pack = d.pack.take();
             d.disk_versions = d.groups.iter().map(Group::version).collect();
             tracing::debug!(elapsed = ?start.elapsed(), "spilled");
+            counters.move_nanos.fetch_add(start.elapsed().as_nanos() as u64, Relaxed);
+            // A pinned buffer goes back to libtorch's pinned-memory cache.
+            let reusable = |b: &Tensor| !crate::tier::cuda::is_pinned(b) && crate::tier::ffi::owns_storage(b);
+            return Ok(pack.filter(|b| keep && reusable(b)));
         }
         counters.move_nanos.fetch_add(start.elapsed().as_nanos() as u64, Relaxed);
-        Ok(())
+        Ok(None)
     }
 
     /// First half of a load: reads the host copy from disk if needed (into a
     /// packed, possibly pinned buffer for a CUDA model) and issues the device
     /// copies, which the model does not see yet. Returns the copies and
     /// whether a home read from disk is pinned.
+    /// `reuse` is a cached host buffer large enough for the model's packed
+    /// host copy, to read into instead of allocating one.
     pub(crate) fn stage(
         &self,
         c: &ModelCore,
@@ -246,6 +256,7 @@ impl Transfer {
         load: &LoadJob,
         host_done: &Cell<bool>,
         counters: &Counters,
+        reuse: Option<Tensor>,
     ) -> Result<(Option<Staged>, bool)> {
         let start = Instant::now();
         let mut pinned = false;
@@ -253,7 +264,6 @@ impl Transfer {
             let span = tracing::debug_span!("sire.load", model = %c.name, bytes = c.bytes, from = "disk", to = "cpu");
             let _g = span.enter();
             let keys: Vec<String> = d.groups.iter().map(|g| g.key.clone()).collect();
-            let mut was_mapped = false;
             // The source file if the model is clean and has one (checked
             // unchanged), else its spill file (checked to be its own).
             let path = match (&d.source, &d.spill) {
@@ -266,24 +276,24 @@ impl Transfer {
                 (None, Some(f)) => f.read_into(&keys, dest),
                 (None, None) => unreachable!("a model off the host has a disk copy"),
             };
-            // A CPU model points into a mapping of its file where it can, else
-            // reads a copy; a CUDA model's home is read straight into one
-            // packed (pinned) buffer.
-            let (ts, pack) = if c.runtime() == Location::Cpu {
-                let mapped = match (&d.source, &d.spill) {
-                    _ if !self.map_files => None,
-                    (Some(src), _) => src.map(&keys).map_err(|e| in_file(e, &c.name, &path))?,
-                    (None, Some(f)) => f.map(&keys).map_err(|e| in_file(e, &c.name, &path))?,
-                    (None, None) => unreachable!("a model off the host has a disk copy"),
-                };
-                was_mapped = mapped.is_some();
-                match mapped {
-                    Some(ts) => (ts, None),
-                    None => (read(d, None).map_err(|e| in_file(e, &c.name, &path))?, None),
-                }
+            // A CPU model points into a mapping of its file where it can; else
+            // the file is read straight into one packed buffer (a reused one
+            // if given; pinned for a CUDA model's home if asked).
+            let mapped = match (&d.source, &d.spill) {
+                _ if !self.map_files || c.runtime() != Location::Cpu => None,
+                (Some(src), _) => src.map(&keys).map_err(|e| in_file(e, &c.name, &path))?,
+                (None, Some(f)) => f.map(&keys).map_err(|e| in_file(e, &c.name, &path))?,
+                (None, None) => unreachable!("a model off the host has a disk copy"),
+            };
+            let was_mapped = mapped.is_some();
+            let (ts, pack) = if let Some(ts) = mapped {
+                (ts, None)
             } else {
                 let (offsets, total) = pack_layout(&d.groups);
-                let (flat, p) = self.alloc_host(total, load.pin)?;
+                let (flat, p) = match reuse {
+                    Some(buf) if !load.pin && buf.numel() >= total => (buf, false),
+                    _ => self.alloc_host(total, load.pin && c.runtime() != Location::Cpu)?,
+                };
                 pinned = p;
                 let metas: Vec<(Kind, Vec<i64>, u64)> =
                     d.groups.iter().map(|g| (g.kind, g.shape.clone(), g.bytes)).collect();
@@ -484,6 +494,19 @@ pub(crate) fn unwind_safe<R>(model: &str, f: impl FnOnce() -> Result<R>) -> Resu
         Ok(r) => r,
         Err(p) => Err(Error::MovePanicked { model: model.to_string(), message: panic_message(&*p) }),
     }
+}
+
+/// The size of a pageable host buffer for `bytes`: rounded up to 2 MiB (to
+/// 64 KiB under 32 MiB), so that buffers of models of about the same size can
+/// be reused for one another.
+fn host_size(bytes: usize) -> usize {
+    bytes.next_multiple_of(if bytes >= 32 << 20 { 2 << 20 } else { 64 << 10 })
+}
+
+/// Asks for transparent huge pages for a fresh host buffer (see
+/// [`ffi::prefer_huge_pages`](crate::tier::ffi::prefer_huge_pages)).
+fn prefer_huge_pages(buf: &Tensor) {
+    crate::tier::ffi::prefer_huge_pages(buf.data_ptr().cast(), buf.numel());
 }
 
 /// Alignment of each tensor in a packed buffer (the CUDA allocator's own).

@@ -168,6 +168,11 @@ pub(crate) mod shim {
             out: *mut *mut C_tensor,
             err: *mut *mut c_char,
         ) -> c_int;
+        pub(crate) fn sire_storage_use_count(
+            t: *const C_tensor,
+            out: *mut i64,
+            err: *mut *mut c_char,
+        ) -> c_int;
         pub(crate) fn sire_is_pinned(t: *const C_tensor, out: *mut c_int, err: *mut *mut c_char) -> c_int;
         pub(crate) fn sire_cuda_mem_get_info(
             device: c_int,
@@ -315,6 +320,36 @@ pub(crate) unsafe fn tensor_over<T: Send + Sync + 'static>(
     Ok(unsafe { tch::Tensor::from_ptr(out) })
 }
 
+/// Whether `t` is the only tensor over its storage (no view, alias or other
+/// handle shares its memory); false when libtorch cannot tell.
+pub(crate) fn owns_storage(t: &tch::Tensor) -> bool {
+    let mut n = 0i64;
+    let mut err: *mut std::ffi::c_char = std::ptr::null_mut();
+    // SAFETY: `t.as_ptr()` is a live `at::Tensor*` borrowed for the call and
+    // only read; the out-pointers point to live locals.
+    let st = unsafe { shim::sire_storage_use_count(t.as_ptr(), &mut n, &mut err) };
+    shim::shim_status("storage_use_count", st, err).is_ok() && n == 1
+}
+
+/// Asks for transparent huge pages for the whole pages inside the `len`
+/// bytes at `addr` (a hint: where huge pages are off or unavailable nothing
+/// changes). Faulting fresh memory in 2 MiB at a time rather than 4 KiB makes
+/// the first write to it several times cheaper.
+pub(crate) fn prefer_huge_pages(addr: *mut u8, len: usize) {
+    const HUGE_PAGE: usize = 2 << 20;
+    if len < HUGE_PAGE {
+        return;
+    }
+    let page = page_size() as usize;
+    let start = (addr as usize).next_multiple_of(page);
+    let end = (addr as usize + len) / page * page;
+    if end > start {
+        // SAFETY: MADV_HUGEPAGE changes only how the pages are backed, never
+        // what they hold, and fails harmlessly on a range that is not mapped.
+        let _ = unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+    }
+}
+
 /// Gives the C allocator's free memory back to the system (`malloc_trim`):
 /// host buffers of evicted models are freed to it, and without this it may
 /// keep them (glibc raises its mmap threshold after large frees, so blocks of
@@ -362,7 +397,6 @@ pub(crate) fn module_buffers(m: &tch::CModule) -> crate::Result<Vec<(String, tch
     Ok(out)
 }
 
-#[cfg(test)]
 /// The system's page size in bytes (4096 if `sysconf` cannot say).
 fn page_size() -> u64 {
     // SAFETY: sysconf has no memory-safety preconditions; it returns -1 on error.

@@ -67,7 +67,6 @@ const PREFIX_LEN: usize = 8;
 /// Bytes copied at a time; each chunk is hashed right after, while in cache.
 const CHUNK: usize = 512 << 10;
 /// Size of a transparent huge page (x86-64, aarch64 with 4 KiB pages).
-const HUGE_PAGE: usize = 2 << 20;
 /// Bytes of the mapped file populated, then released, at a time.
 const WINDOW: usize = 8 << 20;
 /// Capacity of the write buffer (larger writes bypass it).
@@ -1218,7 +1217,7 @@ impl Copier<'_> {
         let mut hasher = job.hash.then(Xxh3::new);
         let dst = tensor.data_ptr().cast::<u8>();
         if fresh {
-            self.prefer_huge_pages(dst, job.range.len());
+            ffi::prefer_huge_pages(dst, job.range.len());
         }
         let mut pos = job.range.start;
         while pos < job.range.end {
@@ -1270,23 +1269,6 @@ impl Copier<'_> {
             // copying them would raise SIGBUS.
             Err(e) => Err(e),
         }
-    }
-
-    /// Asks for transparent huge pages for the `len` fresh bytes at `dst`.
-    ///
-    /// Faulting the destination in 2 MiB at a time rather than 4 KiB is what
-    /// makes the copy keep up with `read(2)` into a fresh buffer. A hint only:
-    /// where huge pages are off or unavailable nothing changes.
-    fn prefer_huge_pages(&self, dst: *mut u8, len: usize) {
-        if len < HUGE_PAGE {
-            return;
-        }
-        let start = (dst as usize).next_multiple_of(self.page);
-        let end = (dst as usize + len) / self.page * self.page;
-        // SAFETY: `start..end` is the whole pages inside the tensor's fresh
-        // allocation, which no one else uses; MADV_HUGEPAGE changes only how
-        // those pages are backed, never what they hold.
-        let _ = unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
     }
 
     /// Drops the pages covering `range` from the process's resident set

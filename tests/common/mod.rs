@@ -56,7 +56,7 @@ pub fn check_invariants(s: &Stats) {
     for p in &s.pools {
         let sum: u64 = p.residents.iter().map(|r| r.bytes).sum();
         assert!(p.used <= p.budget, "{}: used {} > budget {}\n{s}", p.location, p.used, p.budget);
-        assert_eq!(p.used, sum, "{}: used != sum of residents\n{s}", p.location);
+        assert_eq!(p.used, sum + p.cached, "{}: used != sum of residents + cached buffers\n{s}", p.location);
     }
 }
 
