@@ -22,7 +22,8 @@
 //! `model*.safetensors` to use instead), `SIRE_TIERS_BUDGET_MIB` (default 2.5
 //! models), `SIRE_TIERS_ROUNDS` (default 3), `SIRE_TIERS_OUT` (write the
 //! results there, one line `round model tensor f32-bits-hex` per result),
-//! `SIRE_TIERS_SPILL` (spill directory, default a temporary one under `target/`).
+//! `SIRE_TIERS_SPILL` (spill directory, default a temporary one under `target/`),
+//! `SIRE_TIERS_MAP` (0: `Builder::map_files(false)`, every load copies).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -134,6 +135,7 @@ fn main() {
     let _ =
         Tensor::zeros([64, COLS], (Kind::Float, Device::Cpu)).matmul(&x).sum(Kind::Float).double_value(&[]);
 
+    let map_files = env_or("SIRE_TIERS_MAP", 1) != 0;
     let rss_start = status_mib("VmRSS:");
     let t0 = Instant::now();
     let pools = ResourcePoolManagement::builder()
@@ -141,6 +143,7 @@ fn main() {
         .env(false)
         .cpu_budget(budget)
         .spill_dir(&spill)
+        .map_files(map_files)
         .build()
         .unwrap();
     let models: Vec<_> =
@@ -190,11 +193,12 @@ fn main() {
     println!("tiers: peak RSS {peak:.1} MiB (VmHWM), {rss_start:.1} MiB before the workload");
     println!(
         "RESULT system=sire time_s={:.4} rss_start_mib={rss_start:.1} peak_rss_mib={peak:.1} misses={} hits={} \
-         bytes_from_disk={} bytes_to_disk={} register_s={:.4}",
+         bytes_from_disk={} bytes_mapped={} bytes_to_disk={} register_s={:.4}",
         elapsed.as_secs_f64(),
         stats.misses,
         stats.hits,
         stats.bytes_from_disk,
+        stats.bytes_mapped,
         stats.bytes_to_disk,
         registered.as_secs_f64()
     );

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The host and disk tiers against Python (issue 12): runs the same workload in
-# sire (`benches/tiers.rs`) and in the Python systems of `benches/peers/`
+# sire (`benches/tiers.rs`, mapped and with `map_files(false)`) and in the
+# Python systems of `benches/peers/`
 # (`load_file` at each use, a hand-written LRU under the same budget,
 # accelerate's `disk_offload`) plus the floor (`floor.py`: the misses' bytes at
 # the read bandwidth measured in the run, plus the compute with every model
@@ -58,7 +59,7 @@ can_drop=0
 if [ "$(id -u)" = 0 ] && [ -w /proc/sys/vm/drop_caches ]; then
     can_drop=1
 fi
-systems=(sire load_each_use lru accelerate_disk floor)
+systems=(sire sire_copy load_each_use lru accelerate_disk floor)
 timer=()
 if [ -x /usr/bin/time ]; then
     timer=(/usr/bin/time -f "TIME wall_s=%e maxrss_kib=%M")
@@ -76,9 +77,11 @@ for mode in $modes; do
     for i in $(seq 1 "$runs"); do
         for sys in "${systems[@]}"; do
             log="$out/$mode-$sys-$i"
-            if [ "$sys" = sire ]; then
+            if [ "$sys" = sire ] || [ "$sys" = sire_copy ]; then
+                map=1
+                [ "$sys" = sire_copy ] && map=0
                 cmd=(env SIRE_TIERS_DIR="$models" SIRE_TIERS_OUT="$log.results" SIRE_TIERS_BUDGET_MIB="$budget_mib"
-                    SIRE_TIERS_SPILL="$out/spill" "$bench")
+                    SIRE_TIERS_SPILL="$out/spill" SIRE_TIERS_MAP="$map" "$bench")
                 mkdir -p "$out/spill"
             else
                 cmd=(python "benches/peers/$sys.py" "$models" --budget-mib "$budget_mib" --out "$log.results")
@@ -109,7 +112,8 @@ import pathlib, statistics, sys
 
 out, runs, budget, mib = pathlib.Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 names = {
-    "sire": "sire (`TensorSet::from_safetensors`)",
+    "sire": "sire (`TensorSet::from_safetensors`, mapped)",
+    "sire_copy": "sire, `map_files(false)` (copies into reused buffers)",
     "load_each_use": "`safetensors.load_file` at each use",
     "lru": "hand-written Python LRU, same budget",
     "accelerate_disk": "accelerate `disk_offload`",
@@ -186,7 +190,8 @@ for m in modes:
           f"compute with every model resident {med([float(r['compute_s']) for r in f]):.2f} s")
     s = data[m]["sire"]
     print(f"sire, {m}: registration {med([float(r['register_s']) for r in s]):.2f} s; "
-          f"misses {s[0]['misses']}, bytes from disk {int(s[0]['bytes_from_disk']) / 2**30:.2f} GiB, "
+          f"misses {s[0]['misses']}, bytes from disk {int(s[0]['bytes_from_disk']) / 2**30:.2f} GiB "
+          f"({int(s[0].get('bytes_mapped', 0)) / 2**30:.2f} GiB mapped), "
           f"to disk {int(s[0]['bytes_to_disk']) / 2**30:.2f} GiB")
 sys.exit(0 if ok else 1)
 PY

@@ -230,10 +230,13 @@ impl Builder {
     /// copied, and the pages come from the page cache. Its bytes are charged to
     /// the host pool as if copied. A write to a weight copies only the pages
     /// it writes (and marks the model dirty as any write does); offloading a
-    /// clean mapped model drops the mapping. The bytes are hashed the first
-    /// time and again only when the file's stamp (device, inode, size,
-    /// modification and change times) differs from the one they last matched
-    /// with. A file whose tensors are not aligned for their kinds is copied.
+    /// clean mapped model drops the mapping. A spill file's tensors are
+    /// checked against their checksums the first time it is mapped after each
+    /// write, and again only if its stamp (device, inode, size, modification
+    /// and change times) changes. A source file is known by its stamp from its
+    /// first (mapped) read on: any change to it is refused as
+    /// [`Error::Corrupt`](crate::Error::Corrupt). A file whose tensors are not
+    /// aligned for their kinds is copied.
     ///
     /// Off, every load copies the file into fresh memory. A mapped file must
     /// not be truncated by another process while mapped (as with any

@@ -376,14 +376,15 @@ fn open_regular(path: &Path, ours: bool) -> Result<(File, fs::Metadata)> {
 fn read_checked(path: &Path, names: &[String], expect: Expect<'_>, how: How<'_>) -> Result<Read> {
     let corrupt = |detail: String| Error::Corrupt { path: path.to_owned(), detail };
     let (file, meta) = open_regular(path, matches!(expect, Expect::Spill(_)))?;
+    let stamp = Stamp::of(&meta);
     if let Expect::Source(source) = expect {
         source.check_unchanged(&meta)?;
+        source.check_stamp(stamp)?;
     }
     let len = meta.len();
     if len < PREFIX_LEN as u64 {
         return Err(corrupt(format!("the file is {len} bytes long, too short for a safetensors header")));
     }
-    let stamp = Stamp::of(&meta);
     // SAFETY: a shared mapping is read-only and only read through slices that
     // do not outlive it; a private one is copy-on-write: what is written to
     // it never reaches the file. `write` replaces a spill file by renaming a
@@ -432,7 +433,7 @@ fn read_checked(path: &Path, names: &[String], expect: Expect<'_>, how: How<'_>)
                 None => None,
             };
             let (recorded, first) = match expect {
-                Expect::Source(source) => match source.sums.get() {
+                Expect::Source(source) => match source.state.sums.get() {
                     Some(sums) => (
                         Some(sums.get(name).copied().ok_or_else(|| {
                             corrupt(format!("tensor `{name}` was not in the file when it was first read"))
@@ -464,7 +465,10 @@ fn read_checked(path: &Path, names: &[String], expect: Expect<'_>, how: How<'_>)
         How::Copy(dest) => dest,
         How::Map { verified } => {
             let map = private.take().expect("a private mapping for How::Map");
-            let skip = verified == Some(stamp);
+            // A source's first read does not hash what it maps: its stamp is
+            // its identity from then on (see `Source::check_stamp`).
+            let first = matches!(expect, Expect::Source(s) if s.state.sums.get().is_none());
+            let skip = verified == Some(stamp) || first;
             return map_tensors(path, map, &jobs, skip, whole.then_some(stamp));
         }
     };
@@ -745,30 +749,27 @@ impl SpillFile {
 
 /// A safetensors file a model was loaded from, as it was when first read:
 /// its size, its modification time and the xxh3-64 of each tensor's bytes.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Source {
     /// The file (absolute, symlinks resolved when it was first read).
     path: PathBuf,
     len: u64,
     /// Modification time: seconds and nanoseconds since the epoch.
     modified: (i64, i64),
-    /// The hash of each tensor's bytes, recorded by the first read of the
-    /// tensors (a set opened from its header alone has not read them yet).
-    sums: std::sync::OnceLock<HashMap<String, u64>>,
-    /// The file's stamp when all its tensors were last hashed and matched.
-    verified: parking_lot::Mutex<Option<Stamp>>,
+    /// What later reads check against, shared by the clones (one file).
+    state: std::sync::Arc<SourceState>,
 }
 
-impl Clone for Source {
-    fn clone(&self) -> Source {
-        Source {
-            path: self.path.clone(),
-            len: self.len,
-            modified: self.modified,
-            sums: self.sums.clone(),
-            verified: parking_lot::Mutex::new(*self.verified.lock()),
-        }
-    }
+/// What a [`Source`]'s reads learned about its file.
+#[derive(Debug, Default)]
+struct SourceState {
+    /// The hash of each tensor's bytes, recorded by the first read of the
+    /// tensors if it copied them (a set opened from its header alone has not
+    /// read them yet; a first read that maps them does not hash them).
+    sums: std::sync::OnceLock<HashMap<String, u64>>,
+    /// The file's stamp when its tensors were first read, or when they all
+    /// last matched their hashes.
+    verified: parking_lot::Mutex<Option<Stamp>>,
 }
 
 impl Source {
@@ -791,7 +792,7 @@ impl Source {
     /// again only if the file's stamp changed since they last matched. `None`
     /// where the file cannot be mapped.
     pub(crate) fn map(&self, names: &[String]) -> Result<Option<Vec<Tensor>>> {
-        let verified = *self.verified.lock();
+        let verified = *self.state.verified.lock();
         let read = self.read(names, How::Map { verified })?;
         Ok(read.mapped.then_some(read.tensors))
     }
@@ -803,18 +804,38 @@ impl Source {
             return Ok(read);
         }
         if read.verified.is_some() {
-            *self.verified.lock() = read.verified;
+            *self.state.verified.lock() = read.verified;
         }
-        if self.sums.get().is_none() {
+        if self.state.sums.get().is_none() {
             // The first read of the tensors: their hashes are the reference now.
-            let sums = names
-                .iter()
-                .zip(&read.sums)
-                .map(|(name, sum)| (name.clone(), sum.expect("a first read hashes every tensor")))
-                .collect();
-            let _ = self.sums.set(sums);
+            let sums: Option<HashMap<String, u64>> =
+                names.iter().zip(&read.sums).map(|(name, sum)| Some((name.clone(), (*sum)?))).collect();
+            // A first read that mapped the file hashed nothing: its stamp
+            // (recorded above) is the file's identity from now on.
+            if let Some(sums) = sums {
+                let _ = self.state.sums.set(sums);
+            }
         }
         Ok(read)
+    }
+
+    /// Refuses a file whose tensors were first read by mapping them (no
+    /// hashes) if its stamp changed since: its stamp is its identity, and
+    /// any write changes it (the change time cannot be set back).
+    fn check_stamp(&self, stamp: Stamp) -> Result<()> {
+        if self.state.sums.get().is_some() {
+            return Ok(());
+        }
+        match *self.state.verified.lock() {
+            Some(first) if first != stamp => Err(Error::Corrupt {
+                path: self.path.clone(),
+                detail: format!(
+                    "the file changed after the model was loaded from it (its inode, size or times differ: \
+                     {first:?} then, {stamp:?} now); sire does not reload a changed file"
+                ),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Checks the size and modification time of the file just opened.
@@ -882,13 +903,7 @@ pub(crate) fn open_source(path: &Path) -> Result<(Vec<Declared>, Source)> {
         found.push((start, name, kind, shape));
     }
     found.sort_by_key(|(start, ..)| *start);
-    let source = Source {
-        len,
-        modified: (meta.mtime(), meta.mtime_nsec()),
-        sums: std::sync::OnceLock::new(),
-        verified: parking_lot::Mutex::new(None),
-        path,
-    };
+    let source = Source { len, modified: (meta.mtime(), meta.mtime_nsec()), state: Default::default(), path };
     Ok((found.into_iter().map(|(_, n, k, s)| (n, k, s)).collect(), source))
 }
 

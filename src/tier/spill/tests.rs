@@ -704,7 +704,7 @@ fn a_file_with_misaligned_tensors_is_not_mapped() {
 }
 
 #[test]
-fn a_source_is_hashed_when_first_mapped_and_again_only_if_its_stamp_changes() {
+fn a_mapped_source_is_known_by_its_stamp_and_any_change_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("src.safetensors");
     let (a, b) = (Tensor::randn([1024], cpu(Kind::Float)), Tensor::randn([64, 4], cpu(Kind::Float)));
@@ -713,14 +713,15 @@ fn a_source_is_hashed_when_first_mapped_and_again_only_if_its_stamp_changes() {
     let names = strings(&["a", "b"]);
     let got = source.map(&names).unwrap().unwrap();
     assert!(got[0].equal(&a) && got[1].equal(&b));
-    assert!(source.sums.get().is_some(), "the first map records the hashes");
-    let stamp = source.verified.lock().expect("verified");
+    let stamp = source.state.verified.lock().expect("the first map records the file's stamp");
+    assert!(source.state.sums.get().is_none(), "a mapping hashes nothing");
     drop(got);
+    // Unchanged: mapped again at once.
     assert!(source.map(&names).unwrap().unwrap()[0].equal(&a));
-    assert_eq!(*source.verified.lock(), Some(stamp));
+    assert_eq!(*source.state.verified.lock(), Some(stamp));
 
-    // New bytes, the old modification time put back: the stamp differs
-    // (change time), so the bytes are hashed again and the change is caught.
+    // New bytes, the old modification time put back: the change time
+    // differs, so the file is refused, mapped or read.
     let before = fs::metadata(&path).unwrap().modified().unwrap();
     let bytes = fs::read(&path).unwrap();
     let mut changed = bytes.clone();
@@ -730,9 +731,18 @@ fn a_source_is_hashed_when_first_mapped_and_again_only_if_its_stamp_changes() {
     File::options().write(true).open(&path).unwrap().set_modified(before).unwrap();
     let detail = corrupt_detail(source.map(&names));
     assert!(detail.contains("changed after the model was loaded"), "{detail}");
-    // Put back exactly: hashed again, accepted, and the new stamp recorded.
+    let detail = corrupt_detail(source.read_into(&names, None));
+    assert!(detail.contains("changed after the model was loaded"), "{detail}");
+    // Even the same bytes put back: without hashes nothing can tell, so the
+    // file stays refused (a copied first read records hashes and would
+    // accept it: `a_source_file_that_changed_is_corrupt`).
     fs::write(&path, &bytes).unwrap();
     File::options().write(true).open(&path).unwrap().set_modified(before).unwrap();
-    assert!(source.map(&names).unwrap().unwrap()[1].equal(&b));
-    assert_ne!(*source.verified.lock(), Some(stamp));
+    assert!(matches!(source.map(&names), Err(Error::Corrupt { .. })));
+    // Another file renamed over it (a new inode): refused too.
+    let other = dir.path().join("other.safetensors");
+    fs::write(&other, &bytes).unwrap();
+    File::options().write(true).open(&other).unwrap().set_modified(before).unwrap();
+    fs::rename(&other, &path).unwrap();
+    assert!(matches!(source.map(&names), Err(Error::Corrupt { .. })));
 }
