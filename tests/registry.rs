@@ -109,7 +109,7 @@ fn downloads_validates_and_keeps_files_private() {
 
     let paths = reg.download("m").unwrap();
     let expected = dir.path().join("cache/safetensors/m/m.bin");
-    assert_eq!(paths, [expected.clone()]);
+    assert_eq!(paths, std::slice::from_ref(&expected));
     assert_eq!(std::fs::read(&expected).unwrap(), body);
     let mode = std::fs::metadata(&expected).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "cache files are readable by the user only");
@@ -581,7 +581,7 @@ fn hub_cache_is_shared_with_python_huggingface_hub() {
     assert_eq!(py_sha, h);
     let requests = server.seen().len();
     let reg = builder(dir.path(), Some(&server)).hf_cache_dir(&hf_a).catalogue(&cat).build().unwrap();
-    assert_eq!(reg.download("net").unwrap(), [py_path.clone()]);
+    assert_eq!(reg.download("net").unwrap(), std::slice::from_ref(&py_path));
     assert_eq!(server.seen().len(), requests, "no request: the Python client's file is used as is");
     assert!(reg.validate("net").unwrap().available);
 

@@ -135,7 +135,7 @@ pub(crate) fn inspect(key: &str, place: &Place, path: &Path) -> Result<Option<fs
                 Err(e) => return Err(Error::Cache { path: cur, source: e }),
             };
             let blobs = blobs.as_ref().and_then(|b| fs::canonicalize(b).ok());
-            if !blobs.is_some_and(|b| target.parent() == Some(b.as_path())) {
+            if blobs.is_none_or(|b| target.parent() != Some(b.as_path())) {
                 return unsafe_path(
                     key,
                     &cur,

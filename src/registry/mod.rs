@@ -32,7 +32,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -67,7 +66,16 @@ pub struct Registry {
     allow_pickle: bool,
     offline: bool,
     pools: Option<ResourcePoolManagement>,
-    loaded: parking_lot::Mutex<BTreeMap<String, (LoadedModel, PathBuf)>>,
+    loaded: parking_lot::Mutex<BTreeMap<String, (Kept, PathBuf)>>,
+}
+
+/// What the registry keeps of a model it loaded: a handle on a managed
+/// model (returned again by the next `load`), or only the fact for an
+/// adapter (a `Lora` is not `Sync`, and is read again by the next `load`).
+enum Kept {
+    TorchScript(Managed<CModule>),
+    Tensors(Managed<TensorSet>),
+    Lora,
 }
 
 /// A key that a later catalogue redefined (the later entry wins).
@@ -360,7 +368,6 @@ pub struct Validation {
 }
 
 /// A model loaded by [`Registry::load`].
-#[derive(Clone)]
 #[non_exhaustive]
 pub enum LoadedModel {
     /// A TorchScript module, managed.
@@ -368,7 +375,7 @@ pub enum LoadedModel {
     /// A safetensors state dict, managed (read from its file when first used).
     Tensors(Managed<TensorSet>),
     /// A LoRA adapter (apply it with [`Lora::to_commit`] and [`Managed::commit`]).
-    Lora(Arc<Lora>),
+    Lora(Lora),
 }
 
 impl LoadedModel {
@@ -389,7 +396,7 @@ impl LoadedModel {
     }
 
     /// The adapter, if the model is one.
-    pub fn lora(&self) -> Option<&Arc<Lora>> {
+    pub fn lora(&self) -> Option<&Lora> {
         match self {
             LoadedModel::Lora(l) => Some(l),
             _ => None,
@@ -617,10 +624,13 @@ impl Registry {
     /// an adapter a [`Lora`] (a PEFT folder when the model has an
     /// `adapter_config.json`). Managed models go to the instance given to
     /// [`RegistryBuilder::pools`], else the global one, named by their key.
-    /// Loading a key again returns the same model.
+    /// Loading a key again returns the same managed model (an adapter is
+    /// read again).
     pub fn load(&self, key: &str) -> Result<LoadedModel> {
-        if let Some((m, _)) = self.loaded.lock().get(key) {
-            return Ok(m.clone());
+        match self.loaded.lock().get(key) {
+            Some((Kept::TorchScript(m), _)) => return Ok(LoadedModel::TorchScript(m.clone())),
+            Some((Kept::Tensors(m), _)) => return Ok(LoadedModel::Tensors(m.clone())),
+            _ => {}
         }
         let e = self.entry(key)?;
         let paths = self.download(key)?;
@@ -646,11 +656,11 @@ impl Registry {
                 match config {
                     Some(c) => {
                         let dir = c.parent().unwrap_or(Path::new("."));
-                        (LoadedModel::Lora(Arc::new(Lora::from_peft(dir)?)), dir.to_path_buf())
+                        (LoadedModel::Lora(Lora::from_peft(dir)?), dir.to_path_buf())
                     }
                     None => {
                         let path = paths.iter().find(|p| ends(p, "safetensors")).unwrap_or(&paths[0]);
-                        (LoadedModel::Lora(Arc::new(Lora::from_safetensors(path)?)), path.clone())
+                        (LoadedModel::Lora(Lora::from_safetensors(path)?), path.clone())
                     }
                 }
             }
@@ -662,8 +672,20 @@ impl Registry {
             }
         };
         let mut loaded = self.loaded.lock();
-        let (m, _) = loaded.entry(key.to_string()).or_insert((model, path));
-        Ok(m.clone())
+        // Another thread may have loaded it meanwhile: keep the first.
+        let kept = match (&model, loaded.get(key)) {
+            (LoadedModel::TorchScript(_), Some((Kept::TorchScript(m), _))) => {
+                return Ok(LoadedModel::TorchScript(m.clone()))
+            }
+            (LoadedModel::Tensors(_), Some((Kept::Tensors(m), _))) => {
+                return Ok(LoadedModel::Tensors(m.clone()))
+            }
+            (LoadedModel::TorchScript(m), _) => Kept::TorchScript(m.clone()),
+            (LoadedModel::Tensors(m), _) => Kept::Tensors(m.clone()),
+            (LoadedModel::Lora(_), _) => Kept::Lora,
+        };
+        loaded.insert(key.to_string(), (kept, path));
+        Ok(model)
     }
 
     /// The models [`Registry::load`] loaded, by key, and where each is now.
@@ -678,7 +700,11 @@ impl Registry {
                     .get(key)
                     .map_or(ModelType::Other("unknown".into()), |e| e.model_type.clone()),
                 path: path.clone(),
-                location: m.location(),
+                location: match m {
+                    Kept::TorchScript(m) => Some(m.location()),
+                    Kept::Tensors(m) => Some(m.location()),
+                    Kept::Lora => None,
+                },
             })
             .collect()
     }
@@ -743,4 +769,13 @@ fn links_to(dir: &Path, blob: &std::ffi::OsStr) -> bool {
         Ok(t) if t.is_dir() => links_to(&e.path(), blob),
         _ => false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn registry_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<super::Registry>();
+    }
 }
