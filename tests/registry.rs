@@ -624,6 +624,53 @@ fn hub_cache_is_shared_with_python_huggingface_hub() {
 }
 
 #[test]
+fn hub_redirect_to_a_cdn_keeps_the_token_on_the_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, cdn) = (Server::start(), Server::start());
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    let body = payload(30_000, 13);
+    let h = sha(&body);
+    cdn.add("/lfs/blob", body.clone(), Fault::None);
+    let resolve = hub.add_hub_redirect(
+        "org/big",
+        "v1",
+        commit,
+        "model.safetensors",
+        &cdn.url("/lfs/blob"),
+        &h,
+        body.len(),
+    );
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({"big": entry("safetensors", "big/model.safetensors", Some(&h), "hf://org/big/model.safetensors@v1")}),
+    );
+    let reg = builder(dir.path(), Some(&hub)).hf_token(Some("secret".into())).catalogue(cat).build().unwrap();
+    let path = reg.download("big").unwrap().remove(0);
+    assert_eq!(std::fs::read(&path).unwrap(), body);
+    let repo = dir.path().join("hf/models--org--big");
+    assert_eq!(
+        std::fs::read_link(&path).unwrap(),
+        Path::new("../../blobs").join(&h),
+        "the blob is named by X-Linked-Etag"
+    );
+    assert_eq!(std::fs::read_to_string(repo.join("refs/v1")).unwrap(), commit);
+    let heads: Vec<_> = hub.seen().into_iter().filter(|s| s.path == resolve).collect();
+    assert_eq!(heads.len(), 1);
+    assert_eq!(
+        (heads[0].method.as_str(), heads[0].authorization.as_deref()),
+        ("HEAD", Some("Bearer secret"))
+    );
+    let gets = cdn.seen();
+    assert_eq!(gets.len(), 1);
+    assert_eq!(
+        (gets[0].method.as_str(), gets[0].authorization.as_deref()),
+        ("GET", None),
+        "no token to the CDN"
+    );
+}
+
+#[test]
 fn round_trip_torchscript_safetensors_and_lora_load_by_key() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start();

@@ -271,8 +271,14 @@ struct Sidecar {
     sha256: String,
 }
 
-fn sidecar_path(dirs: &CacheDirs, file: &Path) -> PathBuf {
-    let id = hex(&Sha256::digest(file.as_os_str().as_encoded_bytes()));
+/// The file's real path (links resolved: a hub snapshot link and its blob
+/// share one sidecar), or the path as given when it cannot be resolved.
+fn real(file: &Path) -> PathBuf {
+    fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf())
+}
+
+fn sidecar_path(dirs: &CacheDirs, real: &Path) -> PathBuf {
+    let id = hex(&Sha256::digest(real.as_os_str().as_encoded_bytes()));
     dirs.sire.join(".validated").join(format!("{}.json", &id[..32]))
 }
 
@@ -284,10 +290,11 @@ fn mtime_ns(m: &fs::Metadata) -> i128 {
 /// the size and modification time still match, else hashed and remembered.
 /// A sidecar that cannot be written (a read-only cache) is skipped.
 pub(crate) fn sha256_cached(dirs: &CacheDirs, file: &Path, meta: &fs::Metadata) -> Result<String> {
-    let side = sidecar_path(dirs, file);
+    let real = real(file);
+    let side = sidecar_path(dirs, &real);
     if let Ok(text) = fs::read_to_string(&side) {
         if let Ok(s) = serde_json::from_str::<Sidecar>(&text) {
-            if s.path == file && s.size == meta.len() && s.mtime_ns == mtime_ns(meta) {
+            if s.path == real && s.size == meta.len() && s.mtime_ns == mtime_ns(meta) {
                 return Ok(s.sha256);
             }
         }
@@ -299,18 +306,19 @@ pub(crate) fn sha256_cached(dirs: &CacheDirs, file: &Path, meta: &fs::Metadata) 
 
 /// Writes the sidecar of a file just hashed (best effort).
 pub(crate) fn remember(dirs: &CacheDirs, file: &Path, meta: &fs::Metadata, sha256: &str) {
-    let side = sidecar_path(dirs, file);
-    let record =
-        Sidecar { path: file.into(), size: meta.len(), mtime_ns: mtime_ns(meta), sha256: sha256.into() };
+    let real = real(file);
+    let side = sidecar_path(dirs, &real);
+    let record = Sidecar { path: real, size: meta.len(), mtime_ns: mtime_ns(meta), sha256: sha256.into() };
     let text = serde_json::to_vec(&record).expect("a sidecar serializes");
     if let Err(e) = write_atomic(&side, &text) {
         tracing::debug!(sidecar = %side.display(), error = %e, "could not record a file's sha256");
     }
 }
 
-/// Forgets a file's sidecar.
+/// Forgets a file's sidecar (call it before removing the file: its real
+/// path is resolved through it).
 pub(crate) fn forget(dirs: &CacheDirs, file: &Path) {
-    let _ = fs::remove_file(sidecar_path(dirs, file));
+    let _ = fs::remove_file(sidecar_path(dirs, &real(file)));
 }
 
 /// Writes a small file atomically, 0600: a temp file created `O_EXCL |

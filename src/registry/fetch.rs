@@ -170,8 +170,8 @@ impl Registry {
         }
         if fs::symlink_metadata(&target).is_ok() {
             tracing::warn!(file = %target.display(), "replacing a cached file that does not match the catalogue");
-            fs::remove_file(&target).map_err(|e| Error::Cache { path: target.clone(), source: e })?;
             cache::forget(&self.dirs, &target);
+            fs::remove_file(&target).map_err(|e| Error::Cache { path: target.clone(), source: e })?;
         }
         let partial = PathBuf::from(format!("{}.incomplete", target.display()));
         let sha = self.transfer(entry, file, source, &partial, None)?;
@@ -203,6 +203,8 @@ impl Registry {
         let pointer_dir = Path::new(&hub.commit).join(Path::new(path).parent().unwrap_or(Path::new("")));
         make_dirs(key, &repo_dir.join("snapshots"), &pointer_dir)?;
         if revision != hub.commit {
+            let refs = Path::new("refs").join(Path::new(revision).parent().unwrap_or(Path::new("")));
+            make_dirs(key, repo_dir, &refs)?;
             let reference = repo_dir.join("refs").join(revision);
             let current = fs::read_to_string(&reference).unwrap_or_default();
             if current.trim() != hub.commit {
@@ -232,8 +234,8 @@ impl Registry {
         };
         if !reusable {
             if fs::symlink_metadata(&blob).is_ok() {
-                fs::remove_file(&blob).map_err(|e| Error::Cache { path: blob.clone(), source: e })?;
                 cache::forget(&self.dirs, &blob);
+                fs::remove_file(&blob).map_err(|e| Error::Cache { path: blob.clone(), source: e })?;
             }
             let partial = PathBuf::from(format!("{}.incomplete", blob.display()));
             let source = Source::Http(hub.location.clone());

@@ -591,11 +591,11 @@ impl Registry {
             let cache_err = |p: &Path, source| Error::Cache { path: p.into(), source };
             match &place {
                 Place::Sire { .. } => {
+                    cache::forget(&self.dirs, &path);
                     if cache::inspect(key, &place, &path)?.is_some() {
                         freed += fs::metadata(&path).map_or(0, |m| m.len());
                         fs::remove_file(&path).map_err(|e| cache_err(&path, e))?;
                     }
-                    cache::forget(&self.dirs, &path);
                     let _ = fs::remove_file(format!("{}.incomplete", path.display()));
                 }
                 Place::Hf { repo_dir, .. } => {
@@ -604,13 +604,13 @@ impl Registry {
                     let Some(blob_name) = link.file_name() else { continue };
                     let blob = repo_dir.join("blobs").join(blob_name);
                     if !links_to(&repo_dir.join("snapshots"), blob_name) {
+                        cache::forget(&self.dirs, &blob);
                         if let Ok(m) = fs::symlink_metadata(&blob) {
                             if m.is_file() {
                                 freed += m.len();
                                 fs::remove_file(&blob).map_err(|e| cache_err(&blob, e))?;
                             }
                         }
-                        cache::forget(&self.dirs, &blob);
                     }
                 }
             }

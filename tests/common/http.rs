@@ -33,6 +33,8 @@ pub enum Fault {
     ClaimsLength(u64),
     /// Sends the body in chunks of `chunk` bytes, `delay` apart.
     Slow { chunk: usize, delay: Duration },
+    /// Answers `302 Found` to this location (with the route's headers).
+    Redirect(String),
 }
 
 /// One served path.
@@ -135,6 +137,29 @@ impl Server {
         format!("/{repo}/resolve/{revision}/{path}")
     }
 
+    /// Serves a hub file the way the hub serves an LFS file: the resolve
+    /// path answers `302` to `location` (a CDN) with `X-Repo-Commit`,
+    /// `X-Linked-Etag` (the sha256) and `X-Linked-Size`. Returns the resolve path.
+    pub fn add_hub_redirect(
+        &self,
+        repo: &str,
+        revision: &str,
+        commit: &str,
+        path: &str,
+        location: &str,
+        sha256: &str,
+        size: usize,
+    ) -> String {
+        let headers = vec![
+            ("X-Repo-Commit".to_string(), commit.to_string()),
+            ("X-Linked-Etag".to_string(), format!("\"{sha256}\"")),
+            ("X-Linked-Size".to_string(), size.to_string()),
+        ];
+        let resolve = format!("/{repo}/resolve/{revision}/{path}");
+        self.add_with_headers(&resolve, Vec::new(), Fault::Redirect(location.to_string()), headers);
+        resolve
+    }
+
     /// Requests seen so far.
     pub fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().unwrap().clone()
@@ -225,6 +250,14 @@ fn handle(mut stream: TcpStream, state: &State) {
     match route.fault {
         Fault::Status { code, times } if route.served <= times => return status_only(&mut stream, code),
         Fault::Always(code) => return status_only(&mut stream, code),
+        Fault::Redirect(ref location) => {
+            let extra: String = route.headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 302 Found\r\nLocation: {location}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            return;
+        }
         _ => {}
     }
     let body = &route.body[..];
