@@ -631,15 +631,8 @@ fn hub_redirect_to_a_cdn_keeps_the_token_on_the_hub() {
     let body = payload(30_000, 13);
     let h = sha(&body);
     cdn.add("/lfs/blob", body.clone(), Fault::None);
-    let resolve = hub.add_hub_redirect(
-        "org/big",
-        "v1",
-        commit,
-        "model.safetensors",
-        &cdn.url("/lfs/blob"),
-        &h,
-        body.len(),
-    );
+    let resolve =
+        hub.add_hub_redirect("org/big", "v1", commit, "model.safetensors", &cdn.url("/lfs/blob"), &body);
     let cat = write_catalogue(
         dir.path(),
         "c.json",

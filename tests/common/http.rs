@@ -139,7 +139,8 @@ impl Server {
 
     /// Serves a hub file the way the hub serves an LFS file: the resolve
     /// path answers `302` to `location` (a CDN) with `X-Repo-Commit`,
-    /// `X-Linked-Etag` (the sha256) and `X-Linked-Size`. Returns the resolve path.
+    /// `X-Linked-Etag` (the sha256 of `body`) and `X-Linked-Size`. Returns
+    /// the resolve path.
     pub fn add_hub_redirect(
         &self,
         repo: &str,
@@ -147,9 +148,11 @@ impl Server {
         commit: &str,
         path: &str,
         location: &str,
-        sha256: &str,
-        size: usize,
+        body: &[u8],
     ) -> String {
+        use sha2::Digest;
+        let sha256: String = sha2::Sha256::digest(body).iter().map(|b| format!("{b:02x}")).collect();
+        let size = body.len();
         let headers = vec![
             ("X-Repo-Commit".to_string(), commit.to_string()),
             ("X-Linked-Etag".to_string(), format!("\"{sha256}\"")),
