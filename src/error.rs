@@ -263,16 +263,17 @@ pub enum Error {
         candidates: Vec<String>,
     },
 
-    /// A catalogue file of the model registry is not valid JSON, or not a
-    /// catalogue (an entry that is not an object, a field of the wrong type).
+    /// A catalogue file of the model registry cannot be read, is not valid
+    /// JSON, or is not a catalogue (an entry that is not an object, a field
+    /// of the wrong type).
     #[cfg(feature = "registry")]
-    #[error("catalogue {path:?}, line {line}, column {column}: {reason}")]
+    #[error("catalogue {path:?}{}: {reason}", if *line > 0 { format!(", line {line}, column {column}") } else { String::new() })]
     Catalogue {
         /// The catalogue file (or the origin given for a catalogue read from a string).
         path: PathBuf,
-        /// Line of the error (1-based).
+        /// Line of the error (1-based; 0 when the file could not be read).
         line: usize,
-        /// Column of the error (1-based).
+        /// Column of the error (1-based; 0 when the file could not be read).
         column: usize,
         /// What is wrong.
         reason: String,
@@ -316,10 +317,12 @@ pub enum Error {
     /// A server answered a download with an HTTP error status that is not
     /// retried (a 4xx), or still failed after the retries (a 5xx).
     #[cfg(feature = "registry")]
-    #[error("model `{key}`: GET {url}: HTTP {status}")]
+    #[error("model `{key}`: {method} {url}: HTTP {status}")]
     Http {
         /// The model's key.
         key: String,
+        /// `GET`, or `HEAD` for the hub's file resolution.
+        method: &'static str,
         /// The URL requested.
         url: String,
         /// The HTTP status.

@@ -168,8 +168,8 @@ fn http_404_fails_at_once_naming_the_url() {
     let server = Server::start();
     let (reg, route) = one_model(dir.path(), &server, "gone", b"x", Fault::Always(404));
     match reg.download("gone") {
-        Err(Error::Http { key, url, status }) => {
-            assert_eq!((key.as_str(), status), ("gone", 404));
+        Err(Error::Http { key, method, url, status, .. }) => {
+            assert_eq!((key.as_str(), method, status), ("gone", "GET", 404));
             assert!(url.ends_with(&route), "{url}");
         }
         other => panic!("expected HTTP 404, got {other:?}"),
@@ -305,6 +305,10 @@ fn broken_catalogue_names_file_line_and_column() {
     }
     let msg = err.to_string();
     assert!(msg.contains("broken.json") && msg.contains("line 2, column 31"), "{msg}");
+    // A catalogue that cannot be read names the file and the reason.
+    let err = builder(dir.path(), None).catalogue(dir.path().join("absent.json")).build().unwrap_err();
+    assert!(matches!(&err, Error::Catalogue { line: 0, .. }), "{err:?}");
+    assert!(err.to_string().contains("absent.json\": No such file"), "{err}");
 }
 
 #[test]
@@ -661,6 +665,25 @@ fn hub_redirect_to_a_cdn_keeps_the_token_on_the_hub() {
         ("GET", None),
         "no token to the CDN"
     );
+
+    // Offline (HF_HUB_OFFLINE), a file not in the cache is not fetched.
+    let other = dir.path().join("other-hf");
+    let offline = builder(dir.path(), Some(&hub))
+        .hf_cache_dir(&other)
+        .offline(true)
+        .catalogue(dir.path().join("c.json"));
+    let offline = offline.build().unwrap();
+    let before = hub.seen().len();
+    assert!(matches!(offline.download("big"), Err(Error::NotDownloaded { .. })));
+    assert_eq!(hub.seen().len(), before, "no request offline");
+    // A 404 from the hub's resolution is a HEAD error.
+    let missing = write_catalogue(
+        dir.path(),
+        "missing.json",
+        &json!({"nope": entry("safetensors", "n/x.safetensors", Some(&h), "hf://org/nope/x.safetensors")}),
+    );
+    let reg = builder(dir.path(), Some(&hub)).catalogue(missing).build().unwrap();
+    assert!(matches!(reg.download("nope"), Err(Error::Http { method: "HEAD", status: 404, .. })));
 }
 
 #[test]

@@ -125,9 +125,9 @@ impl Registry {
             file: file.path.clone(),
             path: Place::of(&self.dirs, entry, file).local(),
         })?;
-        let path = match (Place::of(&self.dirs, entry, file), source) {
-            (Place::Sire { root, rel }, _) => self.fetch_to_sire(entry, file, source, &root, &rel)?,
-            (Place::Hf { repo_dir, repo, path, revision }, _) => {
+        let path = match Place::of(&self.dirs, entry, file) {
+            Place::Sire { root, rel } => self.fetch_to_sire(entry, file, source, &root, &rel)?,
+            Place::Hf { repo_dir, repo, path, revision } => {
                 self.fetch_to_hub(entry, file, &repo_dir, &repo, &path, &revision)?
             }
         };

@@ -178,7 +178,12 @@ impl Net {
                 }
                 Err(Failure::Status(code)) if code >= 500 || code == 429 => format!("HTTP {code}"),
                 Err(Failure::Status(code)) => {
-                    return Err(Error::Http { key: key.into(), url: url.into(), status: code });
+                    return Err(Error::Http {
+                        key: key.into(),
+                        method: "HEAD",
+                        url: url.into(),
+                        status: code,
+                    });
                 }
                 Err(Failure::Transport(e)) => e,
             };
@@ -232,7 +237,12 @@ impl Net {
                 }
                 Err(Failure::Status(code)) if code >= 500 || code == 429 => format!("HTTP {code}"),
                 Err(Failure::Status(code)) => {
-                    return Err(Error::Http { key: key.into(), url: url.into(), status: code });
+                    return Err(Error::Http {
+                        key: key.into(),
+                        method: "GET",
+                        url: url.into(),
+                        status: code,
+                    });
                 }
                 Err(Failure::Transport(e)) => e,
                 Ok((resp, _)) => match self.receive(resp, &mut file, offset, &bar) {
