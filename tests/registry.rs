@@ -733,6 +733,9 @@ fn round_trip_torchscript_safetensors_and_lora_load_by_key() {
     let base = sire::TensorSet::from_safetensors(data("peft/kohya/base.safetensors")).unwrap();
     assert!(adapter.lora().expect("an adapter").to_commit(base.names(), 1.0).is_ok());
 
+    for key in ["ts", "sd", "adapter"] {
+        assert!(reg.validate(key).unwrap().available, "{key} validates after its load");
+    }
     // Loading again returns the same model; loaded_models tells where each is.
     assert_eq!(reg.load("sd").unwrap().tensors().unwrap().name(), "sd");
     assert_eq!(server.gets("/sd.safetensors"), 1);

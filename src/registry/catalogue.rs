@@ -247,6 +247,10 @@ fn entry(key: String, raw: RawEntry, origin: &Path) -> Result<Entry> {
     for (k, v) in raw.config.extra {
         metadata.entry(k).or_insert(v);
     }
+    // Derived from the disk, never taken from a catalogue.
+    if metadata.remove("available").is_some() {
+        tracing::debug!(key = %key, "ignoring the catalogue's `available` field: it is derived from the cache");
+    }
     Ok(Entry {
         name: raw.name.unwrap_or_else(|| key.clone()),
         key,
@@ -323,7 +327,7 @@ mod tests {
 
     #[test]
     fn downloads_join_files_and_metadata_is_kept() {
-        let text = r#"{"m": {"type": "safetensors", "license": "mit",
+        let text = r#"{"m": {"type": "safetensors", "license": "mit", "available": true,
             "config": {"task": "vision",
               "files": [{"path": "m/w.safetensors", "sha256": "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "note": 1}],
               "download": [{"file_name": "w.safetensors", "file_path": "m", "file_url": "https://x.org/w"},
@@ -338,5 +342,6 @@ mod tests {
         assert!(e.files[1].sha256.is_none());
         assert_eq!(e.metadata["license"], "mit");
         assert_eq!(e.metadata["task"], "vision");
+        assert!(!e.metadata.contains_key("available"), "`available` is never read from a catalogue");
     }
 }
