@@ -269,6 +269,9 @@ impl Registry {
     ) -> Result<String> {
         let key = &entry.key;
         let label = format!("{key}: {}", label.unwrap_or(&file.path));
+        let span = tracing::info_span!("download", key = %key, file = %file.path);
+        let _enter = span.enter();
+        let started = std::time::Instant::now();
         let (sha, size) = match source {
             Source::File(src) => copy_local(key, src, partial, self.net.max_size)?,
             Source::Http(url) => {
@@ -279,6 +282,7 @@ impl Registry {
             }
             Source::Hf { .. } => unreachable!("hub files are resolved to an http location first"),
         };
+        tracing::info!(bytes = size, elapsed = ?started.elapsed(), to = %partial.display(), "downloaded");
         if let Some(expected) = &file.sha256 {
             if *expected != sha {
                 let _ = fs::remove_file(partial);
