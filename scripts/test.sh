@@ -10,6 +10,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source-path=SCRIPTDIR/..
 source scripts/env.sh
 
+# The registry's tests run the Python `huggingface_hub` client against a local
+# hub endpoint (tests/registry.rs); install it into the venv when missing.
+# The version the tests were written against is pinned (an older client lays
+# out the cache the same way; this keeps CI reproducible).
+if ! "$VIRTUAL_ENV/bin/python" -c "import huggingface_hub" >/dev/null 2>&1; then
+    echo "test.sh: installing huggingface_hub==2.4.0 into $VIRTUAL_ENV (test-only)" >&2
+    "$VIRTUAL_ENV/bin/python" -m pip install --quiet --disable-pip-version-check "huggingface_hub==2.4.0"
+fi
+
 # Every optional feature; GPU-only tests (`cuda-tests`) are asked for by hand.
 features="tokio,registry,cli,pool"
 cargo test --all-targets --features "$features" "$@"

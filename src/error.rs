@@ -263,6 +263,167 @@ pub enum Error {
         candidates: Vec<String>,
     },
 
+    /// A catalogue file of the model registry cannot be read, is not valid
+    /// JSON, or is not a catalogue (an entry that is not an object, a field
+    /// of the wrong type).
+    #[cfg(feature = "registry")]
+    #[error("catalogue {path:?}{}: {reason}", if *line > 0 { format!(", line {line}, column {column}") } else { String::new() })]
+    Catalogue {
+        /// The catalogue file (or the origin given for a catalogue read from a string).
+        path: PathBuf,
+        /// Line of the error (1-based; 0 when the file could not be read).
+        line: usize,
+        /// Column of the error (1-based; 0 when the file could not be read).
+        column: usize,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// A catalogue entry cannot be used: a malformed sha256, an unknown
+    /// source scheme, a download that names no file, an unsupported type for
+    /// the operation.
+    #[cfg(feature = "registry")]
+    #[error("model `{key}`: {reason}")]
+    InvalidEntry {
+        /// The model's key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// The registry has no model with this key.
+    #[cfg(feature = "registry")]
+    #[error("no model `{key}` in the catalogue (known: {})", if known.is_empty() { "none".to_string() } else { known.join(", ") })]
+    NotInCatalogue {
+        /// The key asked for.
+        key: String,
+        /// The keys the catalogue holds.
+        known: Vec<String>,
+    },
+
+    /// A path from a catalogue would leave the cache: absolute, with a `..`
+    /// component, or through a symlink found on disk.
+    #[cfg(feature = "registry")]
+    #[error("model `{key}`: path {path:?} is refused: {reason}")]
+    UnsafePath {
+        /// The model's key.
+        key: String,
+        /// The path as written in the catalogue (or found on disk).
+        path: String,
+        /// Why it is refused.
+        reason: String,
+    },
+
+    /// A server answered a download with an HTTP error status that is not
+    /// retried (a 4xx), or still failed after the retries (a 5xx).
+    #[cfg(feature = "registry")]
+    #[error("model `{key}`: {method} {url}: HTTP {status}")]
+    Http {
+        /// The model's key.
+        key: String,
+        /// `GET`, or `HEAD` for the hub's file resolution.
+        method: &'static str,
+        /// The URL requested.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+    },
+
+    /// A download failed after its retries: the connection was refused or
+    /// cut, or the body ended before its announced length. The partial file
+    /// is kept, and the next download resumes it.
+    #[cfg(feature = "registry")]
+    #[error("model `{key}`: downloading {url} failed after {attempts} attempt(s): {reason}")]
+    Download {
+        /// The model's key.
+        key: String,
+        /// The URL.
+        url: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        reason: String,
+    },
+
+    /// A download is larger than the registry's size limit; nothing is kept.
+    #[cfg(feature = "registry")]
+    #[error("model `{key}`: {url} is larger than the download limit: {} > {}", fmt_bytes(*size), fmt_bytes(*limit))]
+    DownloadTooLarge {
+        /// The model's key.
+        key: String,
+        /// The URL.
+        url: String,
+        /// Bytes announced or received so far.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+
+    /// A file's sha256 is not the one the catalogue gives. When raised by a
+    /// download, the file was not kept.
+    #[cfg(feature = "registry")]
+    #[error("model `{key}`: {path:?} ({} bytes) has sha256 {actual} but the catalogue says {expected}{}", size, if *removed { "; the file was not kept" } else { "" })]
+    HashMismatch {
+        /// The model's key.
+        key: String,
+        /// The file.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+        /// The sha256 the catalogue gives.
+        expected: String,
+        /// The sha256 of the bytes found.
+        actual: String,
+        /// Whether the file was deleted (a download that failed its check).
+        removed: bool,
+    },
+
+    /// A catalogue file has no sha256 and unhashed files were not allowed.
+    #[cfg(feature = "registry")]
+    #[error("model `{key}`: file `{file}` has no sha256 in the catalogue; it is used only when unhashed files are allowed explicitly")]
+    Unhashed {
+        /// The model's key.
+        key: String,
+        /// The file's path in the catalogue.
+        file: String,
+    },
+
+    /// A weight file is a Python pickle (a raw pickle, or a zip archive of
+    /// pickles written by `torch.save`), which can run code when loaded.
+    #[cfg(feature = "registry")]
+    #[error("model `{key}`: {path:?} is {what}; pickles can run code when loaded and are refused unless allowed explicitly")]
+    Pickle {
+        /// The model's key.
+        key: String,
+        /// The file.
+        path: PathBuf,
+        /// What kind of pickle was found.
+        what: String,
+    },
+
+    /// A model's file is not in the cache (not downloaded yet, or removed).
+    #[cfg(feature = "registry")]
+    #[error("model `{key}` is not downloaded: file `{file}` is not in the cache{}", path.as_ref().map(|p| format!(" ({})", p.display())).unwrap_or_default())]
+    NotDownloaded {
+        /// The model's key.
+        key: String,
+        /// The file's path in the catalogue.
+        file: String,
+        /// Where it would be, when known.
+        path: Option<PathBuf>,
+    },
+
+    /// A cache directory or file cannot be created, written or read.
+    #[cfg(feature = "registry")]
+    #[error("cache {path:?}: {source}")]
+    Cache {
+        /// The directory or file.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// A failure inside libtorch.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

@@ -13,6 +13,8 @@ mod location;
 mod managed;
 mod options;
 mod patch;
+#[cfg(feature = "registry")]
+pub mod registry;
 mod runtime;
 mod stats;
 mod tier;

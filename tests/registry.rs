@@ -1,0 +1,752 @@
+//! The model registry against a real HTTP server on 127.0.0.1 (and
+//! `file://`): downloads and their faults, the catalogue, the cache's
+//! safety, the hub cache shared with the Python `huggingface_hub`, and load
+//! by key.
+
+mod common;
+#[path = "common/http.rs"]
+mod http;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use http::{Fault, Server};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use sire::registry::{FileState, Filter, ModelType, Registry, RegistryBuilder};
+use sire::Error;
+use tch::Tensor;
+
+/// Deterministic bytes that are not a pickle or a zip.
+fn payload(n: usize, seed: u8) -> Vec<u8> {
+    (0..n).map(|i| ((i * 31 + seed as usize * 7) % 251) as u8 ^ 0x5a).collect()
+}
+
+fn sha(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+}
+
+/// A catalogue entry with one file.
+fn entry(model_type: &str, path: &str, sha256: Option<&str>, url: &str) -> Value {
+    let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+    let mut file = json!({ "path": path });
+    if let Some(s) = sha256 {
+        file["sha256"] = json!(s);
+    }
+    json!({
+        "type": model_type,
+        "config": {
+            "files": [file],
+            "download": [{ "file_name": name, "file_path": dir, "file_url": url }]
+        }
+    })
+}
+
+fn write_catalogue(dir: &Path, name: &str, catalogue: &Value) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, serde_json::to_string_pretty(catalogue).unwrap()).unwrap();
+    path
+}
+
+/// A registry on private caches under `dir`, no environment, fast retries.
+fn builder(dir: &Path, server: Option<&Server>) -> RegistryBuilder {
+    let mut b = Registry::builder()
+        .env(false)
+        .cache_dir(dir.join("cache"))
+        .hf_cache_dir(dir.join("hf"))
+        .progress(false)
+        .retries(3)
+        .backoff(Duration::from_millis(10))
+        .timeout(Duration::from_secs(20));
+    if let Some(s) = server {
+        b = b.hf_endpoint(s.endpoint());
+    }
+    b
+}
+
+fn one_model(dir: &Path, server: &Server, key: &str, body: &[u8], fault: Fault) -> (Registry, String) {
+    let route = format!("/files/{key}.bin");
+    server.add(&route, body.to_vec(), fault);
+    let cat = write_catalogue(
+        dir,
+        "catalogue.json",
+        &json!({ key: entry("safetensors", &format!("{key}/{key}.bin"), Some(&sha(body)), &server.url(&route)) }),
+    );
+    (builder(dir, Some(server)).catalogue(cat).build().unwrap(), route)
+}
+
+fn leftovers(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else { return out };
+    for e in rd.flatten() {
+        let p = e.path();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(leftovers(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn downloads_validates_and_keeps_files_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let body = payload(300_000, 1);
+    let (reg, route) = one_model(dir.path(), &server, "m", &body, Fault::None);
+
+    let before = reg.validate("m").unwrap();
+    assert!(!before.available);
+    assert_eq!(before.files[0].state, FileState::Missing);
+    assert!(matches!(reg.path("m"), Err(Error::NotDownloaded { .. })));
+
+    let paths = reg.download("m").unwrap();
+    let expected = dir.path().join("cache/safetensors/m/m.bin");
+    assert_eq!(paths, std::slice::from_ref(&expected));
+    assert_eq!(std::fs::read(&expected).unwrap(), body);
+    let mode = std::fs::metadata(&expected).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "cache files are readable by the user only");
+    assert!(reg.validate("m").unwrap().available);
+    assert_eq!(reg.path("m").unwrap(), expected);
+    let listed = reg.list(&Filter::new().available(true)).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].size, body.len() as u64);
+
+    // Present and valid: no network at all.
+    reg.download("m").unwrap();
+    assert_eq!(server.gets(&route), 1);
+    assert!(!leftovers(&dir.path().join("cache/safetensors"))
+        .iter()
+        .any(|p| p.to_string_lossy().ends_with(".incomplete")));
+
+    // remove: the file goes, and the model is not available any more.
+    assert_eq!(reg.remove("m").unwrap(), body.len() as u64);
+    assert!(!expected.exists());
+    assert_eq!(reg.validate("m").unwrap().files[0].state, FileState::Missing);
+}
+
+#[test]
+fn resumes_after_a_cut_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let body = payload(500_000, 2);
+    let (reg, route) =
+        one_model(dir.path(), &server, "cut", &body, Fault::CutAfter { bytes: 200_000, times: 1 });
+    let path = reg.download("cut").unwrap().remove(0);
+    assert_eq!(std::fs::read(path).unwrap(), body, "the resumed file is whole");
+    let gets: Vec<_> = server.seen().into_iter().filter(|s| s.path == route).collect();
+    assert_eq!(gets.len(), 2, "one cut GET, one resumed GET: {gets:?}");
+    assert_eq!(gets[0].range, None);
+    assert_eq!(
+        gets[1].range.as_deref(),
+        Some("bytes=200000-"),
+        "the second GET resumes where the cut left off"
+    );
+}
+
+#[test]
+fn retries_after_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let body = payload(10_000, 3);
+    let (reg, route) = one_model(dir.path(), &server, "busy", &body, Fault::Status { code: 503, times: 2 });
+    reg.download("busy").unwrap();
+    assert_eq!(server.gets(&route), 3, "two 503s, then the file");
+    assert!(reg.validate("busy").unwrap().available);
+}
+
+#[test]
+fn http_404_fails_at_once_naming_the_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let (reg, route) = one_model(dir.path(), &server, "gone", b"x", Fault::Always(404));
+    match reg.download("gone") {
+        Err(Error::Http { key, method, url, status, .. }) => {
+            assert_eq!((key.as_str(), method, status), ("gone", "GET", 404));
+            assert!(url.ends_with(&route), "{url}");
+        }
+        other => panic!("expected HTTP 404, got {other:?}"),
+    }
+    assert_eq!(server.gets(&route), 1, "a 404 is not retried");
+    assert!(!reg.validate("gone").unwrap().available);
+}
+
+#[test]
+fn checksum_mismatch_names_both_hashes_and_keeps_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let body = payload(50_000, 4);
+    let wrong = payload(50_000, 5);
+    server.add("/files/w.bin", wrong.clone(), Fault::None);
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({ "w": entry("safetensors", "w/w.bin", Some(&sha(&body)), &server.url("/files/w.bin")) }),
+    );
+    let reg = builder(dir.path(), Some(&server)).catalogue(cat).build().unwrap();
+    let err = reg.download("w").unwrap_err();
+    let msg = err.to_string();
+    match err {
+        Error::HashMismatch { expected, actual, removed, size, .. } => {
+            assert_eq!(expected, sha(&body));
+            assert_eq!(actual, sha(&wrong));
+            assert!(removed);
+            assert_eq!(size, wrong.len() as u64);
+        }
+        other => panic!("expected a mismatch, got {other:?}"),
+    }
+    assert!(msg.contains(&sha(&body)) && msg.contains(&sha(&wrong)), "{msg}");
+    assert_eq!(leftovers(&dir.path().join("cache/safetensors")), Vec::<PathBuf>::new(), "nothing kept");
+}
+
+#[test]
+fn truncated_body_fails_after_retries_then_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let body = payload(100_000, 6);
+    let (reg, route) = one_model(dir.path(), &server, "short", &body, Fault::Truncated(40_000));
+    match reg.download("short") {
+        Err(Error::Download { attempts, reason, .. }) => {
+            // One request that brought 40000 bytes, then four without
+            // progress: three retries in a row.
+            assert_eq!(attempts, 5);
+            assert!(reason.contains("after 40000 bytes") || reason.contains("40000 of 100000"), "{reason}");
+        }
+        other => panic!("expected a failed download, got {other:?}"),
+    }
+    assert!(!dir.path().join("cache/safetensors/short/short.bin").exists(), "nothing renamed into place");
+    // The server mends; the next download resumes the partial file.
+    server.add(&route, body.clone(), Fault::None);
+    let path = reg.download("short").unwrap().remove(0);
+    assert_eq!(std::fs::read(path).unwrap(), body);
+    assert_eq!(server.seen().last().unwrap().range.as_deref(), Some("bytes=40000-"));
+}
+
+#[test]
+fn body_over_the_size_limit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let body = payload(200_000, 7);
+    server.add("/big/announced", Vec::new(), Fault::ClaimsLength(10 << 30));
+    server.add("/big/streamed", body.clone(), Fault::NoLength);
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({
+            "announced": entry("safetensors", "a/a.bin", Some(&sha(&body)), &server.url("/big/announced")),
+            "streamed": entry("safetensors", "s/s.bin", Some(&sha(&body)), &server.url("/big/streamed")),
+        }),
+    );
+    let reg = builder(dir.path(), Some(&server)).catalogue(cat).max_download_size(100_000).build().unwrap();
+    for key in ["announced", "streamed"] {
+        match reg.download(key) {
+            Err(Error::DownloadTooLarge { size, limit, .. }) => {
+                assert_eq!(limit, 100_000);
+                assert!(size > limit, "{key}: {size}");
+            }
+            other => panic!("{key}: expected too large, got {other:?}"),
+        }
+    }
+    assert_eq!(leftovers(&dir.path().join("cache/safetensors")), Vec::<PathBuf>::new(), "nothing kept");
+}
+
+/// Runs as the parent (starting the server and a child process) or, with
+/// `SIRE_TEST_CHILD` set, as the child: both download one slow file at once.
+#[test]
+fn two_processes_download_one_file_once() {
+    if let Ok(spec) = std::env::var("SIRE_TEST_CHILD") {
+        let (cat, dir) = spec.split_once('|').unwrap();
+        let reg = builder(Path::new(dir), None).catalogue(cat).build().unwrap();
+        reg.download("shared").unwrap();
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let body = payload(1 << 20, 8);
+    let slow = Fault::Slow { chunk: 64 << 10, delay: Duration::from_millis(40) };
+    let (reg, route) = one_model(dir.path(), &server, "shared", &body, slow);
+    let cat = dir.path().join("catalogue.json");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "two_processes_download_one_file_once", "--test-threads=1", "--quiet"])
+        .env("SIRE_TEST_CHILD", format!("{}|{}", cat.display(), dir.path().display()))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Let the child start its download, then start this one while it runs.
+    let t0 = std::time::Instant::now();
+    while server.gets(&route) == 0 && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let path = reg.download("shared").unwrap().remove(0);
+    assert!(child.wait().unwrap().success(), "the child's download failed");
+    assert_eq!(server.gets(&route), 1, "downloaded once for both processes");
+    assert_eq!(std::fs::read(path).unwrap(), body, "intact");
+}
+
+#[test]
+fn broken_catalogue_names_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.json");
+    std::fs::write(&path, "{\n  \"a\": {\"type\": \"torchscript\",}\n}\n").unwrap();
+    let err = builder(dir.path(), None).catalogue(&path).build().unwrap_err();
+    match &err {
+        Error::Catalogue { path: p, line, column, .. } => {
+            assert_eq!(p, &path);
+            assert_eq!((*line, *column), (2, 31), "at the `}}` after the trailing comma");
+        }
+        other => panic!("expected a catalogue error, got {other:?}"),
+    }
+    let msg = err.to_string();
+    assert!(msg.contains("broken.json") && msg.contains("line 2, column 31"), "{msg}");
+    // A catalogue that cannot be read names the file and the reason.
+    let err = builder(dir.path(), None).catalogue(dir.path().join("absent.json")).build().unwrap_err();
+    assert!(matches!(&err, Error::Catalogue { line: 0, .. }), "{err:?}");
+    assert!(err.to_string().contains("absent.json\": No such file"), "{err}");
+}
+
+#[test]
+fn unknown_fields_are_kept_and_filterable_and_later_catalogues_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = "file:///nonexistent/x.bin";
+    let mut a = entry("torchscript", "a/x.pt", Some(&sha(b"a")), url);
+    a["license"] = json!("mit");
+    a["tags"] = json!(["vision", "small"]);
+    a["config"]["files"][0]["note"] = json!("kept");
+    a["config"]["input_size"] = json!(224);
+    let first = write_catalogue(
+        dir.path(),
+        "first.json",
+        &json!({ "a": a, "b": entry("onnx", "b/x.onnx", Some(&sha(b"b")), url) }),
+    );
+    let mut b2 = entry("safetensors", "b/x.safetensors", Some(&sha(b"b2")), url);
+    b2["description"] = json!("the second b");
+    let second = write_catalogue(dir.path(), "second.json", &json!({ "b": b2 }));
+    let reg = builder(dir.path(), None).catalogue(&first).catalogue(&second).build().unwrap();
+
+    let a = reg.entry("a").unwrap();
+    assert_eq!(a.metadata["license"], "mit");
+    assert_eq!(a.metadata["input_size"], 224);
+    assert_eq!(a.files[0].extra["note"], "kept");
+    let by_tag = reg.list(&Filter::new().metadata("tags", "vision")).unwrap();
+    assert_eq!(by_tag.iter().map(|l| l.entry.key.as_str()).collect::<Vec<_>>(), ["a"]);
+    assert!(reg.list(&Filter::new().metadata("license", "apache-2.0")).unwrap().is_empty());
+    assert_eq!(reg.list(&Filter::new().model_type(ModelType::TorchScript)).unwrap().len(), 1);
+    assert_eq!(reg.list(&Filter::new().text("SECOND")).unwrap()[0].entry.key, "b");
+
+    let b = reg.entry("b").unwrap();
+    assert_eq!(b.model_type, ModelType::SafeTensors, "the later catalogue wins");
+    assert_eq!(reg.overrides().len(), 1);
+    assert_eq!((reg.overrides()[0].previous.clone(), reg.overrides()[0].now.clone()), (first, second));
+    assert!(matches!(reg.entry("c"), Err(Error::NotInCatalogue { known, .. }) if known == ["a", "b"]));
+}
+
+/// Drops this thread's capabilities that bypass file permissions (tests run
+/// as root in CI), restoring them on drop.
+struct NoDacOverride(Option<[libc::c_uint; 6]>);
+
+impl NoDacOverride {
+    fn new() -> Self {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return NoDacOverride(None);
+        }
+        let mut hdr = [0x2008_0522u32, 0]; // _LINUX_CAPABILITY_VERSION_3, this thread
+        let mut caps = [0 as libc::c_uint; 6];
+        // SAFETY: capget/capset take a header and two data structs (3 u32 each).
+        unsafe {
+            assert_eq!(libc::syscall(libc::SYS_capget, hdr.as_mut_ptr(), caps.as_mut_ptr()), 0);
+            let saved = caps;
+            caps[0] &= !((1 << 1) | (1 << 2) | (1 << 3)); // DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER
+            assert_eq!(libc::syscall(libc::SYS_capset, hdr.as_mut_ptr(), caps.as_ptr()), 0);
+            NoDacOverride(Some(saved))
+        }
+    }
+}
+
+impl Drop for NoDacOverride {
+    fn drop(&mut self) {
+        if let Some(saved) = self.0 {
+            let mut hdr = [0x2008_0522u32, 0];
+            // SAFETY: as in `new`.
+            unsafe { libc::syscall(libc::SYS_capset, hdr.as_mut_ptr(), saved.as_ptr()) };
+        }
+    }
+}
+
+#[test]
+fn read_only_cache_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let body = payload(20_000, 9);
+    let (reg, _) = one_model(dir.path(), &server, "ro", &body, Fault::None);
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o500)).unwrap();
+    let result = {
+        let _caps = NoDacOverride::new();
+        reg.download("ro")
+    };
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
+    match result {
+        Err(Error::Cache { path, source }) => {
+            assert!(path.starts_with(&cache), "{path:?}");
+            assert_eq!(source.kind(), std::io::ErrorKind::PermissionDenied);
+        }
+        other => panic!("expected a cache error, got {other:?}"),
+    }
+    // A cache made read-only after the download still validates and serves.
+    reg.download("ro").unwrap();
+    std::fs::remove_dir_all(cache.join(".validated")).unwrap();
+    for d in [cache.join("safetensors/ro"), cache.join("safetensors"), cache.clone()] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o500)).unwrap();
+    }
+    let v = {
+        let _caps = NoDacOverride::new();
+        reg.validate("ro")
+    };
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(v.unwrap().available, "validated without writing a sidecar");
+}
+
+#[test]
+fn paths_escaping_the_cache_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    server.add("/x", b"x".to_vec(), Fault::None);
+    let h = sha(b"x");
+    for (name, bad) in [
+        ("dotdot", json!({"e": entry("safetensors", "../../outside.bin", Some(&h), &server.url("/x"))})),
+        ("absolute", json!({"e": entry("safetensors", "/tmp/outside.bin", Some(&h), &server.url("/x"))})),
+        (
+            "download",
+            json!({"e": {"type": "lora", "config": {"download": [{"file_name": "x", "file_path": "a/../..", "file_url": server.url("/x")}]}}}),
+        ),
+        ("hub", json!({"e": entry("lora", "x.bin", Some(&h), "hf://org/repo/../../x.bin")})),
+    ] {
+        let cat = write_catalogue(dir.path(), &format!("{name}.json"), &bad);
+        match builder(dir.path(), None).catalogue(cat).build() {
+            Err(Error::UnsafePath { key, reason, .. }) => assert_eq!(key, "e", "{name}: {reason}"),
+            other => panic!("{name}: expected an unsafe path, got {other:?}"),
+        }
+    }
+    // A symlink planted in the cache does not lead the download out of it.
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::create_dir_all(dir.path().join("cache/safetensors")).unwrap();
+    std::os::unix::fs::symlink(&outside, dir.path().join("cache/safetensors/m")).unwrap();
+    let cat = write_catalogue(
+        dir.path(),
+        "ok.json",
+        &json!({"m": entry("safetensors", "m/w.bin", Some(&h), &server.url("/x"))}),
+    );
+    let reg = builder(dir.path(), None).catalogue(cat).build().unwrap();
+    assert!(matches!(reg.download("m"), Err(Error::UnsafePath { .. })));
+    assert!(matches!(reg.validate("m"), Err(Error::UnsafePath { .. })));
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "nothing written through the link");
+    assert_eq!(server.gets("/x"), 0);
+}
+
+#[test]
+fn pickles_and_unhashed_files_need_an_explicit_opt_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let pickle = [&[0x80u8, 0x04, 0x95][..], &payload(100, 10)].concat();
+    server.add("/p.bin", pickle.clone(), Fault::None);
+    server.add("/u.bin", b"no hash".to_vec(), Fault::None);
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({
+            "pickled": entry("safetensors", "p/p.bin", Some(&sha(&pickle)), &server.url("/p.bin")),
+            "unhashed": entry("safetensors", "u/u.bin", None, &server.url("/u.bin")),
+        }),
+    );
+    let strict = builder(dir.path(), Some(&server)).catalogue(&cat).build().unwrap();
+    assert!(matches!(strict.download("pickled"), Err(Error::Pickle { what, .. }) if what.contains("pickle")));
+    assert_eq!(strict.validate("pickled").unwrap().files[0].state, FileState::Pickle);
+    assert!(matches!(strict.download("unhashed"), Err(Error::Unhashed { file, .. }) if file == "u/u.bin"));
+    assert_eq!(server.gets("/u.bin"), 0, "refused before any download");
+
+    let lax = builder(dir.path(), Some(&server))
+        .catalogue(&cat)
+        .allow_pickle(true)
+        .allow_unhashed(true)
+        .build()
+        .unwrap();
+    lax.download("pickled").unwrap();
+    lax.download("unhashed").unwrap();
+    assert!(lax.validate("pickled").unwrap().available);
+    let u = lax.validate("unhashed").unwrap();
+    assert_eq!(u.files[0].state, FileState::Unhashed);
+    assert!(u.available);
+    assert!(!strict.validate("unhashed").unwrap().available);
+}
+
+#[test]
+fn sidecar_is_trusted_until_size_or_mtime_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let body = payload(4096, 11);
+    let (reg, _) = one_model(dir.path(), &server, "s", &body, Fault::None);
+    let path = reg.download("s").unwrap().remove(0);
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    // Same size, same mtime, other bytes: the sidecar answers (no re-hash).
+    let mut other = body.clone();
+    other[0] ^= 1;
+    std::fs::write(&path, &other).unwrap();
+    let f = std::fs::File::options().write(true).open(&path).unwrap();
+    f.set_modified(mtime).unwrap();
+    drop(f);
+    assert_eq!(reg.validate("s").unwrap().files[0].state, FileState::Valid, "the sidecar was used");
+    // A new mtime invalidates it: the file is hashed again and does not match.
+    f_touch(&path, mtime + Duration::from_secs(5));
+    assert_eq!(reg.validate("s").unwrap().files[0].state, FileState::Mismatch);
+    assert!(matches!(reg.path("s"), Err(Error::HashMismatch { removed: false, .. })));
+    // download replaces the mismatching file.
+    reg.download("s").unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), body);
+}
+
+fn f_touch(path: &Path, t: std::time::SystemTime) {
+    std::fs::File::options().write(true).open(path).unwrap().set_modified(t).unwrap();
+}
+
+fn python() -> PathBuf {
+    std::env::var_os("VIRTUAL_ENV")
+        .map_or_else(|| PathBuf::from("python3"), |v| Path::new(&v).join("bin/python"))
+}
+
+/// `hf_hub_download` of the real Python client against the test server;
+/// prints the path and the sha256 of what it reads there.
+fn python_download(
+    server: &Server,
+    hf_cache: &Path,
+    home: &Path,
+    repo: &str,
+    file: &str,
+    revision: &str,
+) -> (PathBuf, String) {
+    let code = "import sys, hashlib\n\
+                from huggingface_hub import hf_hub_download\n\
+                p = hf_hub_download(repo_id=sys.argv[1], filename=sys.argv[2], revision=sys.argv[3])\n\
+                print(p)\n\
+                print(hashlib.sha256(open(p, 'rb').read()).hexdigest())\n";
+    let out = Command::new(python())
+        .args(["-c", code, repo, file, revision])
+        .env("HF_ENDPOINT", server.endpoint())
+        .env("HF_HUB_CACHE", hf_cache)
+        .env("HF_HOME", home)
+        .env("HF_HUB_DISABLE_XET", "1")
+        .env("HF_HUB_DISABLE_TELEMETRY", "1")
+        .env("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        .env("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+        .env_remove("HF_TOKEN")
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .expect("run the venv's python");
+    assert!(out.status.success(), "huggingface_hub failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines();
+    (PathBuf::from(lines.next().unwrap()), lines.next().unwrap().to_string())
+}
+
+#[test]
+fn hub_cache_is_shared_with_python_huggingface_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let body = payload(70_000, 12);
+    let h = sha(&body);
+    let resolve =
+        server.add_hub_file("org/net", "main", commit, "weights/model.safetensors", body.clone(), &h);
+    let cat = write_catalogue(
+        dir.path(),
+        "hub.json",
+        &json!({"net": entry("safetensors", "net/model.safetensors", Some(&h), "hf://org/net/weights/model.safetensors@main")}),
+    );
+
+    // Python first: sire finds its file without a request.
+    let hf_a = dir.path().join("hf-a");
+    let (py_path, py_sha) = python_download(
+        &server,
+        &hf_a,
+        &dir.path().join("home"),
+        "org/net",
+        "weights/model.safetensors",
+        "main",
+    );
+    assert_eq!(py_sha, h);
+    let requests = server.seen().len();
+    let reg = builder(dir.path(), Some(&server)).hf_cache_dir(&hf_a).catalogue(&cat).build().unwrap();
+    assert_eq!(reg.download("net").unwrap(), std::slice::from_ref(&py_path));
+    assert_eq!(server.seen().len(), requests, "no request: the Python client's file is used as is");
+    assert!(reg.validate("net").unwrap().available);
+
+    // sire first: the layout is the client's, and the client finds the file.
+    let hf_b = dir.path().join("hf-b");
+    let reg = builder(dir.path(), Some(&server)).hf_cache_dir(&hf_b).catalogue(&cat).build().unwrap();
+    let gets = server.gets(&resolve);
+    let ours = reg.download("net").unwrap().remove(0);
+    assert_eq!(server.gets(&resolve), gets + 1);
+    let repo = hf_b.join("models--org--net");
+    assert_eq!(ours, repo.join("snapshots").join(commit).join("weights/model.safetensors"));
+    assert_eq!(
+        std::fs::read_link(&ours).unwrap(),
+        Path::new("../../../blobs").join(&h),
+        "relative link to the blob"
+    );
+    assert_eq!(std::fs::read_to_string(repo.join("refs/main")).unwrap(), commit);
+    let blob = repo.join("blobs").join(&h);
+    assert_eq!(std::fs::metadata(&blob).unwrap().permissions().mode() & 0o777, 0o600);
+    let (py_path, py_sha) = python_download(
+        &server,
+        &hf_b,
+        &dir.path().join("home"),
+        "org/net",
+        "weights/model.safetensors",
+        "main",
+    );
+    assert_eq!((py_path, py_sha), (ours, h));
+    assert_eq!(server.gets(&resolve), gets + 1, "the Python client did not download it again");
+
+    // cache_usage reports the shared repository.
+    let usage = reg.cache_usage();
+    assert_eq!(usage.hf.len(), 1);
+    assert_eq!((usage.hf[0].repo.as_str(), usage.hf[0].size), ("org/net", body.len() as u64));
+    assert_eq!(usage.hf[0].used_by, ["net"]);
+
+    // remove drops the link and the blob no other snapshot uses.
+    assert_eq!(reg.remove("net").unwrap(), body.len() as u64);
+    assert!(!blob.exists());
+}
+
+#[test]
+fn hub_redirect_to_a_cdn_keeps_the_token_on_the_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, cdn) = (Server::start(), Server::start());
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    let body = payload(30_000, 13);
+    let h = sha(&body);
+    cdn.add("/lfs/blob", body.clone(), Fault::None);
+    let resolve =
+        hub.add_hub_redirect("org/big", "v1", commit, "model.safetensors", &cdn.url("/lfs/blob"), &body);
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({"big": entry("safetensors", "big/model.safetensors", Some(&h), "hf://org/big/model.safetensors@v1")}),
+    );
+    let reg = builder(dir.path(), Some(&hub)).hf_token(Some("secret".into())).catalogue(cat).build().unwrap();
+    let path = reg.download("big").unwrap().remove(0);
+    assert_eq!(std::fs::read(&path).unwrap(), body);
+    let repo = dir.path().join("hf/models--org--big");
+    assert_eq!(
+        std::fs::read_link(&path).unwrap(),
+        Path::new("../../blobs").join(&h),
+        "the blob is named by X-Linked-Etag"
+    );
+    assert_eq!(std::fs::read_to_string(repo.join("refs/v1")).unwrap(), commit);
+    let heads: Vec<_> = hub.seen().into_iter().filter(|s| s.path == resolve).collect();
+    assert_eq!(heads.len(), 1);
+    assert_eq!(
+        (heads[0].method.as_str(), heads[0].authorization.as_deref()),
+        ("HEAD", Some("Bearer secret"))
+    );
+    let gets = cdn.seen();
+    assert_eq!(gets.len(), 1);
+    assert_eq!(
+        (gets[0].method.as_str(), gets[0].authorization.as_deref()),
+        ("GET", None),
+        "no token to the CDN"
+    );
+
+    // Offline (HF_HUB_OFFLINE), a file not in the cache is not fetched.
+    let other = dir.path().join("other-hf");
+    let offline = builder(dir.path(), Some(&hub))
+        .hf_cache_dir(&other)
+        .offline(true)
+        .catalogue(dir.path().join("c.json"));
+    let offline = offline.build().unwrap();
+    let before = hub.seen().len();
+    assert!(matches!(offline.download("big"), Err(Error::NotDownloaded { .. })));
+    assert_eq!(hub.seen().len(), before, "no request offline");
+    // A 404 from the hub's resolution is a HEAD error.
+    let missing = write_catalogue(
+        dir.path(),
+        "missing.json",
+        &json!({"nope": entry("safetensors", "n/x.safetensors", Some(&h), "hf://org/nope/x.safetensors")}),
+    );
+    let reg = builder(dir.path(), Some(&hub)).catalogue(missing).build().unwrap();
+    assert!(matches!(reg.download("nope"), Err(Error::Http { method: "HEAD", status: 404, .. })));
+}
+
+#[test]
+fn round_trip_torchscript_safetensors_and_lora_load_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let ts = std::fs::read(data("ts_buffers.pt")).unwrap();
+    server.add("/ts.pt", ts.clone(), Fault::None);
+    tch::manual_seed(3);
+    let w = Tensor::randn([64, 32], tch::kind::FLOAT_CPU);
+    let b = Tensor::arange(10, (tch::Kind::Int64, tch::Device::Cpu));
+    let st_path = dir.path().join("sd.safetensors");
+    Tensor::write_safetensors(&[("layer.weight", &w), ("layer.index", &b)], &st_path).unwrap();
+    let st = std::fs::read(&st_path).unwrap();
+    server.add("/sd.safetensors", st.clone(), Fault::None);
+    let lora = data("peft/kohya/lora.safetensors");
+    let lora_sha = sire::registry::sha256_file(&lora).unwrap();
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({
+            "ts": entry("TorchScript", "ts/model.pt", Some(&sha(&ts)), &server.url("/ts.pt")),
+            "sd": entry("safetensors", "sd/model.safetensors", Some(&sha(&st)), &server.url("/sd.safetensors")),
+            "adapter": entry("lora", "adapter/lora.safetensors", Some(&lora_sha), &format!("file://{}", lora.display())),
+        }),
+    );
+    let (pools, _spill) = common::pools(64 * common::MIB);
+    let reg = builder(dir.path(), Some(&server)).catalogue(cat).pools(pools).build().unwrap();
+
+    let m = reg.load("ts").unwrap();
+    let module = m.torchscript().expect("a TorchScript model");
+    let io = Tensor::read_safetensors(data("ts_buffers_io.safetensors")).unwrap();
+    let get = |n: &str| io.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
+    {
+        let g = sire::auto_manage(module).unwrap();
+        let y = g.forward_ts(&[get("x")]).unwrap();
+        assert!(y.allclose(&get("y"), 1e-6, 1e-6, false), "PyTorch's output");
+    }
+    let sd = reg.load("sd").unwrap();
+    let set = sd.tensors().expect("a state dict");
+    {
+        let g = sire::auto_manage(set).unwrap();
+        assert!(g.get("layer.weight").unwrap().equal(&w));
+        assert!(g.get("layer.index").unwrap().equal(&b));
+    }
+    let adapter = reg.load("adapter").unwrap();
+    let base = sire::TensorSet::from_safetensors(data("peft/kohya/base.safetensors")).unwrap();
+    assert!(adapter.lora().expect("an adapter").to_commit(base.names(), 1.0).is_ok());
+
+    for key in ["ts", "sd", "adapter"] {
+        assert!(reg.validate(key).unwrap().available, "{key} validates after its load");
+    }
+    // Loading again returns the same model; loaded_models tells where each is.
+    assert_eq!(reg.load("sd").unwrap().tensors().unwrap().name(), "sd");
+    assert_eq!(server.gets("/sd.safetensors"), 1);
+    let loaded = reg.loaded_models();
+    let keys: Vec<_> = loaded.iter().map(|l| (l.key.as_str(), l.location)).collect();
+    assert_eq!(
+        keys,
+        [("adapter", None), ("sd", Some(sire::Location::Cpu)), ("ts", Some(sire::Location::Cpu))]
+    );
+    module.offload().unwrap();
+    let ts_now = reg.loaded_models().into_iter().find(|l| l.key == "ts").unwrap();
+    assert_eq!(ts_now.location, Some(sire::Location::Disk));
+    assert!(ts_now.path.ends_with("torchscript/ts/model.pt"));
+}
