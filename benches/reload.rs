@@ -7,7 +7,10 @@
 //!   file mapped privately and read-only, every page touched once (one byte
 //!   read per 4 KiB page, so each is mapped from the page cache; no copy),
 //!   then unmapped (issue 12).
-//! - `sire_reload`: `auto_manage` of the model after a clean `offload`.
+//! - `sire_reload`: `auto_manage` of the model after a clean `offload`: its
+//!   spill file mapped (the default, `Builder::map_files`).
+//! - `sire_reload_copy`: the same with `map_files(false)`: the file copied
+//!   into a fresh buffer.
 //!
 //! Run: `source scripts/env.sh && cargo bench --bench reload`
 //! (`SIRE_BENCH_MIB` sets the model size, default 256).
@@ -22,13 +25,16 @@ fn model_mib() -> u64 {
     std::env::var("SIRE_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
 }
 
-fn setup() -> (ResourcePoolManagement, sire::Managed<TensorSet>, std::path::PathBuf, tempfile::TempDir) {
+fn setup(
+    map_files: bool,
+) -> (ResourcePoolManagement, sire::Managed<TensorSet>, std::path::PathBuf, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let pools = ResourcePoolManagement::builder()
         .cuda(false)
         .env(false)
         .cpu_budget(4 << 30)
         .spill_dir(dir.path())
+        .map_files(map_files)
         .build()
         .unwrap();
     let elems = (model_mib() << 20) / 4;
@@ -51,8 +57,8 @@ fn status_kib(field: &str) -> u64 {
 }
 
 /// Peak resident-set growth during one reload, by resetting the high-water mark.
-fn peak_extra_memory() {
-    let (_pools, m, _file, _dir) = setup();
+fn peak_extra_memory(map_files: bool) {
+    let (_pools, m, _file, _dir) = setup(map_files);
     let size = m.size_bytes();
     assert_eq!(m.location(), Location::Disk);
     std::fs::write("/proc/self/clear_refs", "5").expect("reset VmHWM (Linux >= 4.0)");
@@ -62,7 +68,8 @@ fn peak_extra_memory() {
     drop(g);
     let extra = peak.saturating_sub(before);
     println!(
-        "reload/peak_extra_memory: model {} MiB, peak extra {:.1} MiB = {:.3}x the model (goal <= 1.10x)",
+        "reload/peak_extra_memory ({}): model {} MiB, peak extra {:.1} MiB = {:.3}x the model (goal <= 1.10x)",
+        if map_files { "mapped" } else { "copied" },
         size >> 20,
         extra as f64 / (1 << 20) as f64,
         extra as f64 / size as f64
@@ -81,7 +88,8 @@ fn map_and_touch(file: &std::path::Path) -> u64 {
 }
 
 fn bench(c: &mut Criterion) {
-    let (_pools, m, file, _dir) = setup();
+    let (_pools, m, file, _dir) = setup(true);
+    let (copy_pools, copied, _, _copy_dir) = setup(false);
     let bytes = std::fs::metadata(&file).unwrap().len();
     let mut group = c.benchmark_group("reload");
     group.throughput(Throughput::Bytes(bytes));
@@ -100,14 +108,29 @@ fn bench(c: &mut Criterion) {
             total
         })
     });
+    group.bench_function("sire_reload_copy", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                copied.offload().unwrap();
+                let t = Instant::now();
+                drop(sire::auto_manage(&copied).unwrap());
+                total += t.elapsed();
+            }
+            total
+        })
+    });
     group.finish();
     assert_eq!(_pools.stats().bytes_to_disk, m.size_bytes(), "written once");
+    assert_eq!(_pools.stats().bytes_mapped, _pools.stats().bytes_from_disk, "every reload mapped");
+    assert_eq!(copy_pools.stats().bytes_mapped, 0, "every reload copied");
 }
 
 criterion_group!(benches, bench);
 
 fn main() {
-    peak_extra_memory();
+    peak_extra_memory(true);
+    peak_extra_memory(false);
     benches();
     Criterion::default().configure_from_args().final_summary();
 }
