@@ -118,10 +118,14 @@ impl TensorSet {
     /// ([`TensorSet::get`], or [`TensorSet::load`] to handle errors).
     ///
     /// The file is remembered by its absolute path (symlinks resolved), size
-    /// and modification time, and by a hash of every tensor's bytes taken on
-    /// the first read. Each later read checks them: a file that changed
-    /// (overwritten, replaced, truncated) is [`Error::Corrupt`] naming it, and
-    /// the model stays where it was. To be immune to later changes of the
+    /// and modification time, by its stamp at the first read (device, inode,
+    /// size, modification and change times) and, for tensors that read
+    /// copied, by a hash of their bytes. Each later read checks them: a file
+    /// that changed (overwritten, replaced, truncated) is [`Error::Corrupt`]
+    /// naming it, and the model stays where it was. (A CPU model maps the
+    /// file instead of copying it, see
+    /// [`Builder::map_files`](crate::Builder::map_files): its stamp is then
+    /// its identity, and any write to the file counts as a change.) To be immune to later changes of the
     /// file, at the cost of reading it now and writing a spill copy on the
     /// first eviction, use [`TensorSet::private_copy`].
     ///

@@ -338,6 +338,8 @@ struct Read {
     mapped: bool,
     /// The file's stamp, if this read verified every tensor in the file.
     verified: Option<Stamp>,
+    /// The file's stamp when read.
+    stamp: Stamp,
 }
 
 /// Opens `path` for reading, refusing (as [`Error::Corrupt`]) a symbolic
@@ -379,7 +381,7 @@ fn read_checked(path: &Path, names: &[String], expect: Expect<'_>, how: How<'_>)
     let stamp = Stamp::of(&meta);
     if let Expect::Source(source) = expect {
         source.check_unchanged(&meta)?;
-        source.check_stamp(stamp)?;
+        source.check_stamp(stamp, names)?;
     }
     let len = meta.len();
     if len < PREFIX_LEN as u64 {
@@ -433,13 +435,8 @@ fn read_checked(path: &Path, names: &[String], expect: Expect<'_>, how: How<'_>)
                 None => None,
             };
             let (recorded, first) = match expect {
-                Expect::Source(source) => match source.state.sums.get() {
-                    Some(sums) => (
-                        Some(sums.get(name).copied().ok_or_else(|| {
-                            corrupt(format!("tensor `{name}` was not in the file when it was first read"))
-                        })?),
-                        false,
-                    ),
+                Expect::Source(source) => match source.state.sums.lock().get(name.as_str()) {
+                    Some(&sum) => (Some(sum), false),
                     None => (None, true),
                 },
                 _ => (None, false),
@@ -467,9 +464,9 @@ fn read_checked(path: &Path, names: &[String], expect: Expect<'_>, how: How<'_>)
             let map = private.take().expect("a private mapping for How::Map");
             // A source's first read does not hash what it maps: its stamp is
             // its identity from then on (see `Source::check_stamp`).
-            let first = matches!(expect, Expect::Source(s) if s.state.sums.get().is_none());
-            let skip = verified == Some(stamp) || first;
-            return map_tensors(path, map, &jobs, skip, whole.then_some(stamp));
+            let first = jobs.iter().all(|job| job.recorded.is_none());
+            let skip = verified == Some(stamp) || (first && matches!(expect, Expect::Source(_)));
+            return map_tensors(path, map, &jobs, skip, stamp, whole);
         }
     };
     let map = shared.as_ref().expect("a shared mapping for How::Copy");
@@ -508,7 +505,7 @@ fn read_checked(path: &Path, names: &[String], expect: Expect<'_>, how: How<'_>)
     }
     let tensors = out.into_iter().map(|t| t.expect("every requested tensor was read")).collect();
     let all_hashed = sums.iter().all(Option::is_some);
-    Ok(Read { tensors, sums, mapped: false, verified: (whole && all_hashed).then_some(stamp) })
+    Ok(Read { tensors, sums, mapped: false, verified: (whole && all_hashed).then_some(stamp), stamp })
 }
 
 /// Hashes of tensors (by slot) computed by one thread of [`map_tensors`].
@@ -516,19 +513,21 @@ type Hashed = Vec<(usize, Option<u64>)>;
 
 /// Points tensors at the private mapping `map` of the file at `path` for
 /// `jobs` (see [`How::Map`]), verifying their bytes first unless `skip`;
-/// `stamp` is the file's, if `jobs` are all its tensors. Makes no tensor
-/// (`mapped` false) where one is not aligned for its kind.
+/// `stamp` is the file's, and `whole` tells whether `jobs` are all its
+/// tensors. Makes no tensor (`mapped` false) where one is not aligned for its
+/// kind.
 fn map_tensors(
     path: &Path,
     mut map: MmapMut,
     jobs: &[Job<'_>],
     skip: bool,
-    stamp: Option<Stamp>,
+    stamp: Stamp,
+    whole: bool,
 ) -> Result<Read> {
     let corrupt = |detail: String| Error::Corrupt { path: path.to_owned(), detail };
     // The mapping starts on a page: a tensor is aligned if its offset is.
     if jobs.iter().any(|job| job.range.start % job.kind.elt_size_in_bytes() != 0) {
-        return Ok(Read { tensors: Vec::new(), sums: Vec::new(), mapped: false, verified: None });
+        return Ok(Read { tensors: Vec::new(), sums: Vec::new(), mapped: false, verified: None, stamp });
     }
     // Each tensor's pages are faulted in at once, where the kernel can (a
     // file that shrank or cannot be read is an error here, not a SIGBUS),
@@ -595,8 +594,8 @@ fn map_tensors(
         out[job.slot] = Some(t);
     }
     let tensors = out.into_iter().map(|t| t.expect("every requested tensor was mapped")).collect();
-    let verified = stamp.filter(|_| skip || sums.iter().all(Option::is_some));
-    Ok(Read { tensors, sums, mapped: true, verified })
+    let verified = (whole && (skip || sums.iter().all(Option::is_some))).then_some(stamp);
+    Ok(Read { tensors, sums, mapped: true, verified, stamp })
 }
 
 /// Compares the xxh3 `got` of `job`'s bytes with the checksum its file
@@ -763,12 +762,12 @@ pub(crate) struct Source {
 /// What a [`Source`]'s reads learned about its file.
 #[derive(Debug, Default)]
 struct SourceState {
-    /// The hash of each tensor's bytes, recorded by the first read of the
-    /// tensors if it copied them (a set opened from its header alone has not
-    /// read them yet; a first read that maps them does not hash them).
-    sums: std::sync::OnceLock<HashMap<String, u64>>,
-    /// The file's stamp when its tensors were first read, or when they all
-    /// last matched their hashes.
+    /// The hash of each tensor's bytes, recorded by the first read of that
+    /// tensor if it copied it (a set opened from its header alone has not
+    /// read them yet; a read that maps a tensor does not hash it).
+    sums: parking_lot::Mutex<HashMap<String, u64>>,
+    /// The file's stamp when its tensors were first read (any of them), or
+    /// when they all last matched their hashes.
     verified: parking_lot::Mutex<Option<Stamp>>,
 }
 
@@ -803,29 +802,35 @@ impl Source {
         if mapping && !read.mapped {
             return Ok(read);
         }
-        if read.verified.is_some() {
-            *self.state.verified.lock() = read.verified;
-        }
-        if self.state.sums.get().is_none() {
-            // The first read of the tensors: their hashes are the reference now.
-            let sums: Option<HashMap<String, u64>> =
-                names.iter().zip(&read.sums).map(|(name, sum)| Some((name.clone(), (*sum)?))).collect();
-            // A first read that mapped the file hashed nothing: its stamp
-            // (recorded above) is the file's identity from now on.
-            if let Some(sums) = sums {
-                let _ = self.state.sums.set(sums);
+        {
+            let mut verified = self.state.verified.lock();
+            if verified.is_none() || read.verified.is_some() {
+                // The first read: the file's stamp identifies it from now on.
+                *verified = read.verified.or(Some(read.stamp));
             }
         }
+        // The hashes of tensors read for the first time are the reference now
+        // (a mapping hashes none: the stamp stands for them).
+        let mut sums = self.state.sums.lock();
+        for (name, sum) in names.iter().zip(&read.sums) {
+            if let Some(sum) = sum {
+                sums.entry(name.clone()).or_insert(*sum);
+            }
+        }
+        drop(sums);
         Ok(read)
     }
 
-    /// Refuses a file whose tensors were first read by mapping them (no
-    /// hashes) if its stamp changed since: its stamp is its identity, and
+    /// Refuses a file whose stamp changed since its first read if one of the
+    /// tensors `names` has no recorded hash to compare (it was mapped, not
+    /// copied, or never read): the stamp is then the file's identity, and
     /// any write changes it (the change time cannot be set back).
-    fn check_stamp(&self, stamp: Stamp) -> Result<()> {
-        if self.state.sums.get().is_some() {
+    fn check_stamp(&self, stamp: Stamp, names: &[String]) -> Result<()> {
+        let sums = self.state.sums.lock();
+        if names.iter().all(|n| sums.contains_key(n)) {
             return Ok(());
         }
+        drop(sums);
         match *self.state.verified.lock() {
             Some(first) if first != stamp => Err(Error::Corrupt {
                 path: self.path.clone(),
