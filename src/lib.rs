@@ -13,6 +13,8 @@ mod location;
 mod managed;
 mod options;
 mod patch;
+#[cfg(feature = "pool")]
+pub mod pool;
 mod runtime;
 mod stats;
 mod tier;
