@@ -480,3 +480,103 @@ fn check_send_sync() {
     // Plain tensors are not `Sync`, so a pool of them can be built and moved, not shared.
     sent::<Pool<Tensor>>();
 }
+
+#[test]
+fn a_panicking_callback_propagates_and_leaves_the_pool_usable() {
+    let pool =
+        Pool::builder().devices([Location::Cpu; 2]).progress(false).build(|_| Ok::<_, String>(())).unwrap();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        pool.execute_streaming(
+            (0..1000).collect::<Vec<u32>>(),
+            |&t, _, _| Ok::<_, String>(t),
+            |_| panic!("the caller gave up"),
+        )
+    }));
+    let payload = r.unwrap_err();
+    assert_eq!(payload.downcast_ref::<&str>(), Some(&"the caller gave up"));
+    let again = pool.execute(vec![5u32, 6], |&t, _, _| Ok::<_, String>(t)).unwrap();
+    assert_eq!(again.iter().map(|o| *o.result.as_ref().unwrap()).collect::<Vec<_>>(), [5, 6]);
+}
+
+#[test]
+fn default_devices_are_every_gpu_else_the_cpu() {
+    let pool = Pool::builder().progress(false).build(Ok::<_, String>).unwrap();
+    let gpus = tch::Cuda::device_count() as usize;
+    if gpus == 0 {
+        assert_eq!(pool.devices(), [Location::Cpu], "no GPU: one CPU device, no crash");
+    } else {
+        assert_eq!(pool.devices(), (0..gpus).map(Location::Cuda).collect::<Vec<_>>());
+    }
+    let out = pool.execute(vec![()], |_, device, &model| Ok::<_, String>(device == model)).unwrap();
+    assert!(out[0].result.as_ref().unwrap(), "f gets the device its models were built for");
+}
+
+const HOOK_CHILD: &str = "SIRE_POOL_TEST_HOOK_CHILD";
+
+/// In a process of its own (the panic hook is global): a task's panic is
+/// captured, not printed by the program's hook, and once the run is over the
+/// program's hook is back.
+#[test]
+fn the_programs_panic_hook_is_left_alone_and_restored() {
+    if std::env::var(HOOK_CHILD).is_ok() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = calls.clone();
+        std::panic::set_hook(Box::new(move |_| {
+            seen.fetch_add(1, Ordering::SeqCst);
+        }));
+        let pool =
+            Pool::builder().devices([Location::Cpu]).progress(false).build(|_| Ok::<_, String>(())).unwrap();
+        let out = pool
+            .execute(vec![0, 1], |&t, _, _| if t == 1 { panic!("task panic") } else { Ok::<_, String>(t) })
+            .unwrap();
+        assert!(out[1].result.is_err());
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            0,
+            "the task's panic went to the pool, not the program's hook"
+        );
+        let _ = std::panic::catch_unwind(|| panic!("the program's own panic"));
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the program's hook is back");
+        return;
+    }
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "the_programs_panic_hook_is_left_alone_and_restored", "--test-threads=1"])
+        .env(HOOK_CHILD, "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the child's checks failed: {status}");
+}
+
+/// On a GPU machine (`cuda-tests`): the default devices are the GPUs, and the
+/// shutdown gives the models' memory back to the driver.
+#[cfg(feature = "cuda-tests")]
+#[test]
+fn gpu_shutdown_releases_device_memory() {
+    let gpus = tch::Cuda::device_count() as usize;
+    assert!(gpus > 0, "cuda-tests asked for, but libtorch sees no CUDA device");
+    const BYTES: i64 = 256 << 20;
+    let before = sire::device_memory(0).unwrap().reserved;
+    let pool = Pool::builder()
+        .progress(false)
+        .build(|device| Ok::<_, String>(Mutex::new(Tensor::zeros([BYTES / 4], (tch::Kind::Float, device)))))
+        .unwrap();
+    assert_eq!(pool.devices(), (0..gpus).map(Location::Cuda).collect::<Vec<_>>());
+    let out = pool
+        .execute((0..8).collect::<Vec<i64>>(), |&t, device, w| {
+            let w = w.lock().unwrap();
+            assert_eq!(w.device(), device);
+            Ok::<_, String>((&*w + t).sum(tch::Kind::Double).double_value(&[]))
+        })
+        .unwrap();
+    assert!(out.iter().all(|o| o.result.is_ok()));
+    let held = sire::device_memory(0).unwrap().reserved;
+    assert!(held >= before + BYTES as u64, "the model is on cuda:0: {held} >= {before} + {BYTES}");
+    pool.shutdown();
+    let after = sire::device_memory(0).unwrap().reserved;
+    assert!(
+        after + BYTES as u64 <= held,
+        "the shutdown released the cached memory: {after} after, {held} held"
+    );
+}
