@@ -5,6 +5,23 @@
 //! processes, contiguous shards per rank with completion records so that a
 //! rerun resumes.
 //!
+//! ```
+//! use sire::pool::{Pool, Rank, Tasks};
+//! use sire::Location;
+//!
+//! let dir = tempfile::tempdir()?;
+//! let pool = Pool::builder().devices([Location::Cpu; 2]).progress(false).build(|_device| Ok::<_, String>(2))?;
+//! let words = ["alpha", "beta", "gamma", "delta"];
+//! let tasks = Tasks::keyed(words, |w| w.to_string())?   // keyed by the word
+//!     .shard(Rank::from_env()?)                          // this process's share
+//!     .resume(dir.path())?;                              // minus what a run finished
+//! let outcomes = pool.execute(tasks, |w, _device, k| Ok::<_, String>(w.len() * k))?;
+//! assert!(outcomes.iter().all(|o| o.result.is_ok()));
+//! // Run again: every task has its completion record, nothing is left.
+//! assert!(Tasks::keyed(words, |w| w.to_string())?.resume(dir.path())?.is_empty());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! Layout: this file is the pool (build, run, shut down); `tasks.rs` the task
 //! list and its order, `shard.rs` ranks, `record.rs` completion records,
 //! `panics.rs` the panic capture on the pool's threads.
@@ -133,6 +150,14 @@ pub struct PoolBuilder {
 /// backtrace), [`Error::WorkerDied`] (the worker
 /// died outside the function while running it) or [`Error::Record`] (it
 /// succeeded but its completion record could not be written).
+///
+/// ```
+/// let pool = sire::pool::Pool::builder().devices([sire::Location::Cpu]).build(|_| Ok::<_, String>(()))?;
+/// let o = pool.execute(vec![7u8], |t, _, _| Ok::<_, String>(t * 2))?.remove(0);
+/// assert_eq!((o.index, o.key.as_str(), o.device, o.slot, o.attempts), (0, "0", sire::Location::Cpu, 0, 1));
+/// assert_eq!(o.result?, 14);
+/// # Ok::<(), sire::Error>(())
+/// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct Outcome<R> {
