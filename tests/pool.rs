@@ -580,3 +580,26 @@ fn gpu_shutdown_releases_device_memory() {
         "the shutdown released the cached memory: {after} after, {held} held"
     );
 }
+
+#[test]
+fn a_record_that_cannot_be_written_fails_its_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    fs::write(&file, b"x").unwrap();
+    let e = Tasks::from(vec![1]).resume(&file).unwrap_err();
+    assert!(matches!(e, Error::Record { task: None, .. }), "{e:?}");
+
+    let results = dir.path().join("results");
+    let tasks = Tasks::from(vec![1, 2]).resume(&results).unwrap();
+    fs::remove_dir_all(&results).unwrap(); // the records have nowhere to go
+    let pool =
+        Pool::builder().devices([Location::Cpu]).progress(false).build(|_| Ok::<_, String>(())).unwrap();
+    let outcomes = pool.execute(tasks, |t, _, _| Ok::<_, String>(*t)).unwrap();
+    for o in &outcomes {
+        let e = o.result.as_ref().unwrap_err();
+        let Error::Record { task, path, .. } = e else { panic!("{e:?}") };
+        assert_eq!(task.as_deref(), Some(o.key.as_str()));
+        assert_eq!(path, &results.join(format!("{}.done", o.key)));
+        assert!(e.to_string().contains(&format!("of task `{}`", o.key)), "{e}");
+    }
+}
