@@ -11,7 +11,9 @@
 //!   overhead per task is the difference divided by 10,000 (goal: under 10 µs).
 //!
 //! After criterion's groups, `RATIO` lines give the same comparisons from the
-//! fastest of 15 runs of each case (the least disturbed by other processes).
+//! fastest of 15 runs of each case (`SIRE_BENCH_RUNS` to change it), the run
+//! least disturbed by other processes. Only those: `cargo bench --features
+//! pool --bench pool -- RATIO` (a filter that matches no criterion benchmark).
 //!
 //! Run: `source scripts/env.sh && cargo bench --features pool --bench pool`
 
@@ -79,12 +81,13 @@ fn fastest<T>(runs: usize, mut f: impl FnMut() -> T) -> Duration {
 
 /// The `RATIO` lines (bench mode only).
 fn ratios() {
+    let runs = std::env::var("SIRE_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(15);
     let tasks: Vec<u64> = (0..16).collect();
     let (p1, p2) = (pool(1), pool(2));
     let run = |p: &Pool<()>| p.execute(tasks.clone(), |&t, _, _| Ok::<_, String>(work(t))).expect("run");
-    let plain = fastest(15, || tasks.iter().map(|&t| work(t)).collect::<Vec<_>>());
-    let one = fastest(15, || run(&p1));
-    let two = fastest(15, || run(&p2));
+    let plain = fastest(runs, || tasks.iter().map(|&t| work(t)).collect::<Vec<_>>());
+    let one = fastest(runs, || run(&p1));
+    let two = fastest(runs, || run(&p2));
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
         "RATIO cpu_bound 16 tasks: plain loop {:.2} ms, pool 1 worker {:.2} ms ({:.3}x the loop), \
@@ -97,8 +100,8 @@ fn ratios() {
     );
     let n = 10_000usize;
     let trivial: Vec<u64> = (0..n as u64).collect();
-    let bare = fastest(15, || channel(&trivial));
-    let pooled = fastest(15, || {
+    let bare = fastest(runs, || channel(&trivial));
+    let pooled = fastest(runs, || {
         p1.execute(trivial.clone(), |&t, _, _| Ok::<_, String>(black_box(t) + 1)).expect("run")
     });
     let us = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
