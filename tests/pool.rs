@@ -603,3 +603,21 @@ fn a_record_that_cannot_be_written_fails_its_task() {
         assert!(e.to_string().contains(&format!("of task `{}`", o.key)), "{e}");
     }
 }
+
+#[test]
+fn a_failed_task_gets_no_record_and_runs_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool =
+        Pool::builder().devices([Location::Cpu]).progress(false).build(|_| Ok::<_, String>(())).unwrap();
+    let run = |fail: bool| {
+        let tasks = Tasks::from((0..5).collect::<Vec<u32>>()).resume(dir.path()).unwrap();
+        pool.execute(tasks, |&t, _, _| if fail && t == 2 { Err("not yet") } else { Ok(t) }).unwrap()
+    };
+    let first = run(true);
+    assert_eq!(first.iter().filter(|o| o.result.is_err()).count(), 1);
+    assert!(!dir.path().join("2.done").exists());
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 4);
+    let second = run(false);
+    assert_eq!(second.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(), ["2"]);
+    assert!(second[0].result.is_ok() && dir.path().join("2.done").exists());
+}

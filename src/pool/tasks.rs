@@ -196,6 +196,19 @@ mod tests {
         assert_ne!(natural_cmp("01", "1"), Ordering::Equal);
     }
 
+    proptest::proptest! {
+        /// `sort_by` needs a total order: antisymmetric, transitive, and
+        /// `Equal` only for equal keys.
+        #[test]
+        fn natural_order_is_total(a in "[a0-2]{0,5}", b in "[a0-2]{0,5}", c in "[a0-2]{0,5}") {
+            proptest::prop_assert_eq!(natural_cmp(&a, &b), natural_cmp(&b, &a).reverse());
+            proptest::prop_assert_eq!(natural_cmp(&a, &b) == Ordering::Equal, a == b);
+            if natural_cmp(&a, &b).is_le() && natural_cmp(&b, &c).is_le() {
+                proptest::prop_assert!(natural_cmp(&a, &c).is_le(), "{a:?} <= {b:?} <= {c:?}");
+            }
+        }
+    }
+
     #[test]
     fn index_keys_shard_in_index_order() {
         let t = Tasks::from((0..25).collect::<Vec<_>>()).shard(Rank::new(0, 2).unwrap());
