@@ -116,7 +116,7 @@ fn ratios() {
 fn bench(c: &mut Criterion) {
     let tasks: Vec<u64> = (0..16).collect();
     let mut group = c.benchmark_group("cpu_bound");
-    group.sample_size(10).measurement_time(Duration::from_secs(6)).warm_up_time(Duration::from_secs(1));
+    group.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
     group.bench_function("plain_loop", |b| b.iter(|| tasks.iter().map(|&t| work(t)).collect::<Vec<_>>()));
     for workers in [1, 2] {
         let p = pool(workers);
@@ -129,7 +129,7 @@ fn bench(c: &mut Criterion) {
     let n = 10_000u64;
     let trivial: Vec<u64> = (0..n).collect();
     let mut group = c.benchmark_group("overhead_10000_tasks");
-    group.sample_size(20).measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
+    group.sample_size(20).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
     group.bench_function("mpsc_channel", |b| b.iter(|| channel(&trivial)));
     let p = pool(1);
     group.bench_function("pool_1_worker", |b| {
