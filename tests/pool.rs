@@ -621,3 +621,34 @@ fn a_failed_task_gets_no_record_and_runs_again() {
     assert_eq!(second.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(), ["2"]);
     assert!(second[0].result.is_ok() && dir.path().join("2.done").exists());
 }
+
+#[test]
+fn shutdown_from_another_thread_stops_a_run_then_frees_the_models() {
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let pool = Pool::builder()
+        .devices([Location::Cpu])
+        .progress(false)
+        .build(|_| Ok::<_, String>(Counted(dropped.clone())))
+        .unwrap();
+    let (started, running) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let run = s.spawn(|| {
+            pool.execute((0..10).collect::<Vec<u32>>(), |&t, _, _| {
+                if t == 0 {
+                    started.send(()).unwrap();
+                    // Task 0 runs until the shutdown has begun.
+                    while !pool.is_shut_down() {
+                        std::thread::yield_now();
+                    }
+                }
+                Ok::<_, String>(t)
+            })
+        });
+        running.recv().unwrap();
+        pool.shutdown(); // waits for the run to stop
+        assert_eq!(dropped.load(Ordering::SeqCst), 1, "the models were freed");
+        let e = run.join().unwrap().unwrap_err();
+        assert!(matches!(e, Error::PoolShutDown { tasks: 10, finished: 1 }), "{e:?}");
+        assert!(e.to_string().contains("1 of 10 task(s) reported"), "{e}");
+    });
+}

@@ -470,6 +470,20 @@ impl<M> Pool<M> {
         &self.failures
     }
 
+    /// Whether [`shutdown`](Pool::shutdown) was called (the models may still
+    /// be being freed).
+    ///
+    /// ```
+    /// let pool = sire::pool::Pool::builder().devices([sire::Location::Cpu]).build(|_| Ok::<_, String>(()))?;
+    /// assert!(!pool.is_shut_down());
+    /// pool.shutdown();
+    /// assert!(pool.is_shut_down());
+    /// # Ok::<(), sire::Error>(())
+    /// ```
+    pub fn is_shut_down(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
     /// Stops the pool: a running [`execute`](Pool::execute) stops handing out
     /// tasks (the running ones finish) and returns [`Error::PoolShutDown`];
     /// then every device's models are dropped and, with CUDA devices,
