@@ -12,7 +12,7 @@
 #
 # Steps:
 #  1. `cargo test --no-run` and `cargo build --examples --benches`, both with
-#     `--features cuda-tests,tokio`; the executables are read from cargo's JSON
+#     `--features cuda-tests,tokio,pool`; the executables are read from cargo's JSON
 #     messages (`compiler-artifact` with an `executable`);
 #  2. scripts/gpu-downstream (sire and tch as its only dependencies, no build
 #     script) is built too: it proves that a user's binary sees the GPU;
@@ -50,7 +50,7 @@ esac
 max_mib="${GPU_CHECK_MAX_MIB:-60}"
 [[ "$max_mib" =~ ^[0-9]+$ ]] || die "GPU_CHECK_MAX_MIB must be a number of MiB, not '$max_mib'"
 max_bytes=$((max_mib * 1024 * 1024))
-features="cuda-tests,tokio"
+features="cuda-tests,tokio,pool"
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 out="$root/.gpu"
 

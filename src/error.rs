@@ -424,6 +424,162 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A task of a [`Pool`](crate::pool::Pool) returned an error (on its last
+    /// attempt). The task's own error is the source.
+    #[cfg(feature = "pool")]
+    #[error("task `{task}` failed on device #{slot} ({device}) after {attempts} attempt(s): {source}")]
+    TaskFailed {
+        /// The task's key.
+        task: String,
+        /// The device it ran on.
+        device: Location,
+        /// The device's position in the pool's device list.
+        slot: usize,
+        /// Attempts made.
+        attempts: u32,
+        /// The error the task returned.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// A task of a [`Pool`](crate::pool::Pool) panicked (on its last attempt).
+    /// The panic was caught; the other tasks went on.
+    #[cfg(feature = "pool")]
+    #[error(
+        "task `{task}` panicked on device #{slot} ({device}) after {attempts} attempt(s){}: {message}",
+        at(panicked_at)
+    )]
+    TaskPanicked {
+        /// The task's key.
+        task: String,
+        /// The device it ran on.
+        device: Location,
+        /// The device's position in the pool's device list.
+        slot: usize,
+        /// Attempts made.
+        attempts: u32,
+        /// The panic's message.
+        message: String,
+        /// Where it panicked (`file:line:column`).
+        panicked_at: Option<String>,
+        /// The stack where it panicked (printed with `{}`; not part of the message).
+        backtrace: Option<Box<std::backtrace::Backtrace>>,
+    },
+
+    /// A worker thread of a [`Pool`](crate::pool::Pool) died (panicked outside
+    /// the task's function, for instance in a task's `Drop`); the task it was
+    /// running, if any, is reported with this error and the other workers go on.
+    #[cfg(feature = "pool")]
+    #[error(
+        "worker {worker} of device #{slot} ({device}) died{}{}: {message}",
+        match task { Some(t) => format!(" while running task `{t}`"), None => String::new() },
+        at(panicked_at)
+    )]
+    WorkerDied {
+        /// The task it was running, if any.
+        task: Option<String>,
+        /// The worker's device.
+        device: Location,
+        /// The device's position in the pool's device list.
+        slot: usize,
+        /// The worker's number on its device.
+        worker: usize,
+        /// The panic's message.
+        message: String,
+        /// Where it panicked (`file:line:column`).
+        panicked_at: Option<String>,
+    },
+
+    /// The init function of a [`Pool`](crate::pool::Pool) failed (or panicked)
+    /// for one device; the pool works without that device.
+    #[cfg(feature = "pool")]
+    #[error("init failed for device #{slot} ({device}): {message}")]
+    DeviceInit {
+        /// The device.
+        device: Location,
+        /// The device's position in the pool's device list.
+        slot: usize,
+        /// The init function's error or panic message (with its location).
+        message: String,
+    },
+
+    /// A [`Pool`](crate::pool::Pool) has no device to run on: every device's
+    /// init failed.
+    #[cfg(feature = "pool")]
+    #[error("no device of the pool works: init failed on all {devices} device(s): {}", reasons.join("; "))]
+    NoWorkingDevice {
+        /// Devices the pool was asked to use.
+        devices: usize,
+        /// Each device's init failure.
+        reasons: Vec<String>,
+    },
+
+    /// Every worker of a [`Pool`](crate::pool::Pool) died before the tasks
+    /// were done; the finished tasks were reported.
+    #[cfg(feature = "pool")]
+    #[error(
+        "every worker of the pool died ({workers} worker(s)): {finished} of {tasks} task(s) reported, {} never run; {}",
+        tasks - finished,
+        reasons.join("; ")
+    )]
+    WorkersDied {
+        /// Workers the pool started.
+        workers: usize,
+        /// Tasks in the run.
+        tasks: usize,
+        /// Tasks with an outcome.
+        finished: usize,
+        /// How each worker died.
+        reasons: Vec<String>,
+    },
+
+    /// The [`Pool`](crate::pool::Pool) was shut down (before or during the call).
+    #[cfg(feature = "pool")]
+    #[error("the task pool is shut down{}", if *tasks > 0 { format!(": {finished} of {tasks} task(s) reported, the rest never run") } else { String::new() })]
+    PoolShutDown {
+        /// Tasks in the interrupted run (0 when the call came after the shutdown).
+        tasks: usize,
+        /// Tasks with an outcome.
+        finished: usize,
+    },
+
+    /// A rank and world size (given, or read from `RANK`/`WORLD_SIZE` or
+    /// `SLURM_PROCID`/`SLURM_NTASKS`) do not describe a rank of a world.
+    #[cfg(feature = "pool")]
+    #[error("invalid rank ({origin}): {reason}")]
+    InvalidRank {
+        /// Where the values came from.
+        origin: String,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// Two tasks share a key; keys name shards and completion records, so
+    /// they must be unique.
+    #[cfg(feature = "pool")]
+    #[error("tasks #{first} and #{second} share the key `{key}`: task keys must be unique")]
+    DuplicateTask {
+        /// The key.
+        key: String,
+        /// Position of the first task with it.
+        first: usize,
+        /// Position of the second.
+        second: usize,
+    },
+
+    /// A completion record (or its directory) could not be read or written.
+    #[cfg(feature = "pool")]
+    #[error("completion record {path:?}{}: {source}", match task { Some(t) => format!(" of task `{t}`"), None => String::new() })]
+    Record {
+        /// The task, for a record being written.
+        task: Option<String>,
+        /// The file or directory.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// A failure inside libtorch.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
@@ -455,6 +611,12 @@ pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// ` at file:line:col` for a panic location, or nothing.
+#[cfg(feature = "pool")]
+fn at(location: &Option<String>) -> String {
+    location.as_deref().map(|l| format!(" at {l}")).unwrap_or_default()
 }
 
 /// `a`, `b`, `c`: names in backticks, comma-separated.

@@ -15,6 +15,8 @@ mod options;
 mod patch;
 #[cfg(feature = "registry")]
 pub mod registry;
+#[cfg(feature = "pool")]
+pub mod pool;
 mod runtime;
 mod stats;
 mod tier;
