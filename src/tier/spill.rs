@@ -529,6 +529,11 @@ fn map_tensors(
     if jobs.iter().any(|job| job.range.start % job.kind.elt_size_in_bytes() != 0) {
         return Ok(Read { tensors: Vec::new(), sums: Vec::new(), mapped: false, verified: None, stamp });
     }
+    // Hints only: a cold file is read ahead aggressively, all of it at once.
+    let _ = map.advise(Advice::Sequential);
+    for job in jobs.iter().filter(|job| !job.range.is_empty()) {
+        let _ = map.advise_range(Advice::WillNeed, job.range.start, job.range.len());
+    }
     // Each tensor's pages are faulted in at once, where the kernel can (a
     // file that shrank or cannot be read is an error here, not a SIGBUS),
     // and hashed: by up to four threads, tensors dealt out by size.
