@@ -13,10 +13,10 @@ mod location;
 mod managed;
 mod options;
 mod patch;
-#[cfg(feature = "registry")]
-pub mod registry;
 #[cfg(feature = "pool")]
 pub mod pool;
+#[cfg(feature = "registry")]
+pub mod registry;
 mod runtime;
 mod stats;
 mod tier;
