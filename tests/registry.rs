@@ -750,3 +750,233 @@ fn round_trip_torchscript_safetensors_and_lora_load_by_key() {
     assert_eq!(ts_now.location, Some(sire::Location::Disk));
     assert!(ts_now.path.ends_with("torchscript/ts/model.pt"));
 }
+
+// ---- Security review regressions ----
+
+/// A registry with a hub token whose endpoint is `hub`.
+fn with_token(dir: &Path, hub: &Server, cat: PathBuf) -> Registry {
+    builder(dir, Some(hub)).hf_token(Some("secret".into())).retries(0).catalogue(cat).build().unwrap()
+}
+
+#[test]
+fn the_token_never_reaches_another_host_through_url_tricks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, other) = (Server::start(), Server::start());
+    let body = payload(1000, 20);
+    other.add("/x", body.clone(), Fault::None);
+    other.add("/@127.0.0.1:1/x", body.clone(), Fault::None);
+    hub.add("/x", body.clone(), Fault::None);
+    let h = sha(&body);
+    // In a catalogue: the backslash trick and userinfo are refused at load.
+    for (name, url) in [
+        ("backslash", format!("http://127.0.0.1:{}\\@127.0.0.1:{}/x", other.port, hub.port)),
+        ("userinfo", format!("http://user@127.0.0.1:{}/x", hub.port)),
+    ] {
+        let cat = write_catalogue(
+            dir.path(),
+            &format!("{name}.json"),
+            &json!({"e": entry("lora", "e/x.bin", Some(&h), &url)}),
+        );
+        match builder(dir.path(), Some(&hub)).hf_token(Some("secret".into())).catalogue(cat).build() {
+            Err(Error::InvalidEntry { key, reason }) => assert_eq!(key, "e", "{name}: {reason}"),
+            other => panic!("{name}: expected an invalid entry, got {other:?}"),
+        }
+    }
+    // In a redirect from the hub's host: refused, nothing sent to the other host.
+    for (i, location) in [
+        format!("http://127.0.0.1:{}\\@127.0.0.1:{}/x", other.port, hub.port),
+        format!("http://127.0.0.1:{}\\@127.0.0.1:1/x", other.port),
+        format!("http://user@127.0.0.1:{}/x", other.port),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let route = format!("/redirect{i}");
+        hub.add(&route, Vec::new(), Fault::Redirect(location.clone()));
+        let cat = write_catalogue(
+            dir.path(),
+            &format!("r{i}.json"),
+            &json!({"r": entry("lora", &format!("r{i}/x.bin"), Some(&h), &hub.url(&route))}),
+        );
+        let reg = with_token(dir.path(), &hub, cat);
+        let err = reg.download("r").unwrap_err();
+        assert!(matches!(err, Error::Download { .. }), "{location}: {err:?}");
+        assert!(!dir.path().join(format!("cache/lora/r{i}/x.bin")).exists());
+    }
+    assert!(
+        other.seen().iter().all(|s| s.authorization.is_none()),
+        "the token reached another host: {:?}",
+        other.seen()
+    );
+    assert!(other.seen().is_empty(), "refused redirects are not followed: {:?}", other.seen());
+}
+
+#[test]
+fn the_token_is_not_sent_in_clear_to_an_https_endpoint_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let body = payload(1000, 21);
+    server.add("/x", body.clone(), Fault::None);
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({"m": entry("lora", "m/x.bin", Some(&sha(&body)), &server.url("/x"))}),
+    );
+    // The endpoint is https on this host and port; the file is plain http there.
+    let reg = builder(dir.path(), None)
+        .hf_endpoint(format!("https://127.0.0.1:{}", server.port))
+        .hf_token(Some("secret".into()))
+        .catalogue(cat)
+        .build()
+        .unwrap();
+    reg.download("m").unwrap();
+    let seen = server.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].authorization, None, "the token went over plain http");
+}
+
+#[test]
+fn a_revision_that_is_an_absolute_path_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, "keep me").unwrap();
+    for (i, rev) in [victim.display().to_string(), "a/../../../x".into(), "a//b".into(), "v1.lock".into()]
+        .into_iter()
+        .enumerate()
+    {
+        let cat = write_catalogue(
+            dir.path(),
+            &format!("c{i}.json"),
+            &json!({"e": entry("lora", "e/w.pt", Some(&sha(b"x")), &format!("hf://o/r/w.pt@{rev}"))}),
+        );
+        match builder(dir.path(), None).catalogue(cat).build() {
+            Err(Error::InvalidEntry { key, reason }) => assert_eq!(key, "e", "{rev}: {reason}"),
+            other => panic!("{rev}: expected an invalid entry, got {other:?}"),
+        }
+    }
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+    assert!(!dir.path().join("hf").exists(), "nothing written");
+}
+
+/// Downloads with one retry-less attempt that is cut after `cut` bytes,
+/// leaving a partial file; returns the partial file's path.
+fn interrupted(dir: &Path, server: &Server, route: &str, body: &[u8], expected: &str, cut: usize) -> PathBuf {
+    server.add(route, body.to_vec(), Fault::CutAfter { bytes: cut, times: 1 });
+    let cat = write_catalogue(
+        dir,
+        "c.json",
+        &json!({"m": entry("lora", "m/w.bin", Some(expected), &server.url(route))}),
+    );
+    let reg = builder(dir, Some(server)).retries(0).catalogue(cat).build().unwrap();
+    assert!(matches!(reg.download("m"), Err(Error::Download { .. })));
+    let partial = dir.join("cache/lora/m/w.bin.incomplete");
+    assert_eq!(std::fs::metadata(&partial).unwrap().len(), cut as u64);
+    partial
+}
+
+#[test]
+fn a_partial_file_of_another_url_or_version_is_not_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let (old, new) = (payload(200_000, 22), payload(200_000, 23));
+    // The catalogue entry changes URL and hash between the two downloads.
+    interrupted(dir.path(), &server, "/v1/w.bin", &old, &sha(&old), 100_000);
+    server.add("/v2/w.bin", new.clone(), Fault::None);
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({"m": entry("lora", "m/w.bin", Some(&sha(&new)), &server.url("/v2/w.bin"))}),
+    );
+    let reg = builder(dir.path(), Some(&server)).retries(0).catalogue(cat).build().unwrap();
+    let path = reg.download("m").unwrap().remove(0);
+    assert_eq!(std::fs::read(&path).unwrap(), new, "the new file is whole and correct");
+    let v2: Vec<_> = server.seen().into_iter().filter(|s| s.path == "/v2/w.bin").collect();
+    assert_eq!(v2.len(), 1);
+    assert_eq!(v2[0].range, None, "no resume from another URL's bytes");
+    assert!(!leftovers(&dir.path().join("cache"))
+        .iter()
+        .any(|p| p.to_string_lossy().contains(".incomplete")));
+}
+
+#[test]
+fn a_resume_that_mismatches_starts_again_and_sends_if_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let (old, new) = (payload(200_000, 24), payload(200_000, 25));
+    // Same URL and catalogue hash; the server's file changes in between.
+    let route = "/w.bin";
+    server.add_with_headers(route, old.clone(), Fault::CutAfter { bytes: 100_000, times: 1 }, vec![]);
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({"m": entry("lora", "m/w.bin", Some(&sha(&new)), &server.url(route))}),
+    );
+    let reg = builder(dir.path(), Some(&server)).retries(0).catalogue(cat).build().unwrap();
+    assert!(matches!(reg.download("m"), Err(Error::Download { .. })));
+    server.add(route, new.clone(), Fault::None);
+    let path = reg.download("m").unwrap().remove(0);
+    assert_eq!(std::fs::read(&path).unwrap(), new);
+    let ranges: Vec<_> = server.seen().into_iter().map(|s| s.range).collect();
+    assert_eq!(ranges, [None, Some("bytes=100000-".to_string()), None], "resumed, mismatched, started again");
+
+    // With an ETag, the resume carries If-Range; a changed file comes whole.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let etag = |v: &str| vec![("ETag".to_string(), format!("\"{v}\""))];
+    server.add_with_headers(route, old.clone(), Fault::CutAfter { bytes: 100_000, times: 1 }, etag("v1"));
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({"m": entry("lora", "m/w.bin", Some(&sha(&new)), &server.url(route))}),
+    );
+    let reg = builder(dir.path(), Some(&server)).retries(0).catalogue(cat).build().unwrap();
+    assert!(reg.download("m").is_err());
+    server.add_with_headers(route, new.clone(), Fault::None, etag("v2"));
+    let path = reg.download("m").unwrap().remove(0);
+    assert_eq!(std::fs::read(&path).unwrap(), new);
+    let seen = server.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[1].range.as_deref(), Some("bytes=100000-"));
+    assert_eq!(seen[1].if_range.as_deref(), Some("\"v1\""));
+}
+
+#[test]
+fn a_206_to_a_request_without_range_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let body = payload(100_000, 26);
+    let (reg, _) = one_model(dir.path(), &server, "part", &body, Fault::Unasked206(40_000));
+    match reg.download("part") {
+        Err(Error::Download { reason, .. }) => assert!(reason.contains("206"), "{reason}"),
+        other => panic!("expected a refused 206, got {other:?}"),
+    }
+    let left = leftovers(&dir.path().join("cache"));
+    assert!(!left.iter().any(|p| !p.to_string_lossy().contains("/.locks/")), "{left:?}");
+}
+
+#[test]
+fn a_huge_content_length_on_a_206_is_too_large_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let body = payload(200_000, 27);
+    let route = "/w.bin";
+    interrupted(dir.path(), &server, route, &body, &sha(&body), 100_000);
+    server.add(route, body.clone(), Fault::ClaimsLength(u64::MAX));
+    let cat = dir.path().join("c.json");
+    let reg = builder(dir.path(), Some(&server)).retries(0).catalogue(cat).build().unwrap();
+    match reg.download("m") {
+        Err(Error::DownloadTooLarge { .. }) => {}
+        other => panic!("expected DownloadTooLarge, got {other:?}"),
+    }
+    assert_eq!(server.seen().last().unwrap().range.as_deref(), Some("bytes=100000-"));
+}
+
+#[test]
+fn a_404_leaves_no_partial_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let (reg, _) = one_model(dir.path(), &server, "gone", b"x", Fault::Always(404));
+    assert!(reg.download("gone").is_err());
+    let left = leftovers(&dir.path().join("cache"));
+    assert!(!left.iter().any(|p| !p.to_string_lossy().contains("/.locks/")), "{left:?}");
+}

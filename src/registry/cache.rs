@@ -85,7 +85,7 @@ impl Place {
                 let commit = if is_commit(revision) {
                     revision.clone()
                 } else {
-                    let r = fs::read_to_string(repo_dir.join("refs").join(revision)).ok()?;
+                    let r = fs::read_to_string(ref_path(repo_dir, revision)?).ok()?;
                     let r = r.trim().to_string();
                     if !is_commit(&r) {
                         return None;
@@ -98,9 +98,24 @@ impl Place {
     }
 }
 
-/// A full 40-hex-digit commit sha.
+/// A full commit sha: 40 lowercase hex digits.
 pub(crate) fn is_commit(s: &str) -> bool {
-    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// `repo_dir/refs/<revision>`, when the revision is a plain relative path
+/// (only normal components) so that the result stays under `refs/`.
+pub(crate) fn ref_path(repo_dir: &Path, revision: &str) -> Option<PathBuf> {
+    let rel = Path::new(revision);
+    if revision.is_empty()
+        || revision.contains('\\')
+        || !rel.components().all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return None;
+    }
+    let refs = repo_dir.join("refs");
+    let path = refs.join(rel);
+    path.starts_with(&refs).then_some(path)
 }
 
 /// Checks that the file at `root/rel` is reached without symlinks (for the
