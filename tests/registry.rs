@@ -448,7 +448,9 @@ fn paths_escaping_the_cache_are_refused() {
     );
     let reg = builder(dir.path(), None).catalogue(cat).build().unwrap();
     assert!(matches!(reg.download("m"), Err(Error::UnsafePath { .. })));
-    assert!(matches!(reg.validate("m"), Err(Error::UnsafePath { .. })));
+    let v = reg.validate("m").unwrap();
+    assert_eq!(v.files[0].state, FileState::Error);
+    assert!(v.files[0].error.as_deref().unwrap().contains("symlink"), "{:?}", v.files[0].error);
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "nothing written through the link");
     assert_eq!(server.gets("/x"), 0);
 }
@@ -979,4 +981,68 @@ fn a_404_leaves_no_partial_file() {
     assert!(reg.download("gone").is_err());
     let left = leftovers(&dir.path().join("cache"));
     assert!(!left.iter().any(|p| !p.to_string_lossy().contains("/.locks/")), "{left:?}");
+}
+
+#[test]
+fn file_sources_must_be_regular_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    for (i, src) in
+        [fifo.clone(), PathBuf::from("/dev/zero"), dir.path().to_path_buf()].into_iter().enumerate()
+    {
+        let cat = write_catalogue(
+            dir.path(),
+            &format!("c{i}.json"),
+            &json!({"m": entry("lora", "m/w.bin", Some(&sha(b"x")), &format!("file://{}", src.display()))}),
+        );
+        let reg = builder(dir.path(), None).max_download_size(1 << 20).catalogue(cat).build().unwrap();
+        // In a thread: opening a FIFO without O_NONBLOCK would wait forever.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(reg.download("m").map_err(|e| e.to_string()));
+        });
+        match rx.recv_timeout(Duration::from_secs(10)).expect("the download of a FIFO or device returns") {
+            Err(reason) => assert!(reason.contains("not a regular file"), "{}: {reason}", src.display()),
+            Ok(p) => panic!("{}: copied into {p:?}", src.display()),
+        }
+        assert!(!dir.path().join("cache/lora/m/w.bin").exists());
+    }
+}
+
+#[test]
+fn one_bad_file_does_not_fail_the_listing() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.bin");
+    std::fs::write(&good, b"good").unwrap();
+    let url = format!("file://{}", good.display());
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({
+            "good": entry("lora", "good/w.bin", Some(&sha(b"good")), &url),
+            "link": entry("lora", "link/w.bin", Some(&sha(b"good")), &url),
+            "zip": entry("lora", "zip/w.pt", Some(&sha(b"PK\x03\x04 not a zip")), &url),
+        }),
+    );
+    let reg = builder(dir.path(), None).catalogue(cat).build().unwrap();
+    reg.download("good").unwrap();
+    // A symlink out of the cache, and a malformed zip archive.
+    std::fs::create_dir_all(dir.path().join("cache/lora")).unwrap();
+    std::os::unix::fs::symlink(dir.path(), dir.path().join("cache/lora/link")).unwrap();
+    std::fs::create_dir_all(dir.path().join("cache/lora/zip")).unwrap();
+    std::fs::write(dir.path().join("cache/lora/zip/w.pt"), b"PK\x03\x04 not a zip").unwrap();
+    let listed = reg.list(&Filter::new()).unwrap();
+    let state = |k: &str| {
+        let l = listed.iter().find(|l| l.entry.key == k).unwrap();
+        (l.available, l.status[0].state, l.status[0].error.clone())
+    };
+    assert_eq!(state("good"), (true, FileState::Valid, None));
+    let (available, s, error) = state("link");
+    assert_eq!((available, s), (false, FileState::Error), "{error:?}");
+    let (available, s, error) = state("zip");
+    assert_eq!((available, s), (false, FileState::Error), "{error:?}");
+    assert!(error.unwrap().contains("zip"));
+    assert_eq!(reg.validate("zip").unwrap().files[0].state, FileState::Error);
+    assert!(reg.path("zip").is_err());
 }

@@ -32,6 +32,10 @@ pub enum FileState {
     Unhashed,
     /// Present, hash checked, but a pickle, and pickles are not allowed.
     Pickle,
+    /// Could not be checked: an unsafe path in the cache (a symlink out of
+    /// it, not a regular file), a permission error, a malformed archive...
+    /// ([`FileStatus::error`] says what).
+    Error,
 }
 
 /// One file of a model, as found on disk.
@@ -48,9 +52,25 @@ pub struct FileStatus {
     pub size: Option<u64>,
     /// The sha256 of what is there, when present.
     pub sha256: Option<String>,
+    /// Why the file could not be checked (state [`FileState::Error`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl Registry {
+    /// Looks at one file without the network; a file that cannot be
+    /// checked is a status in state [`FileState::Error`], not an error.
+    pub(crate) fn file_status(&self, entry: &Entry, file: &FileSpec) -> FileStatus {
+        self.check_file(entry, file).unwrap_or_else(|e| FileStatus {
+            path: file.path.clone(),
+            local: Place::of(&self.dirs, entry, file).local(),
+            state: FileState::Error,
+            size: None,
+            sha256: None,
+            error: Some(e.to_string()),
+        })
+    }
+
     /// Looks at one file without the network.
     pub(crate) fn check_file(&self, entry: &Entry, file: &FileSpec) -> Result<FileStatus> {
         let place = Place::of(&self.dirs, entry, file);
@@ -61,6 +81,7 @@ impl Registry {
             state: FileState::Missing,
             size: None,
             sha256: None,
+            error: None,
         };
         let Some(path) = local else { return Ok(status) };
         let Some(meta) = inspect(&entry.key, &place, &path)? else { return Ok(status) };
@@ -104,6 +125,10 @@ impl Registry {
                 Error::Pickle { key, path, what }
             }
             FileState::Unhashed => Error::Unhashed { key, file: file.path.clone() },
+            FileState::Error => Error::InvalidEntry {
+                key,
+                reason: format!("file `{}`: {}", file.path, status.error.as_deref().unwrap_or("unreadable")),
+            },
             FileState::Missing | FileState::Valid => {
                 Error::NotDownloaded { key, file: file.path.clone(), path: status.local.clone() }
             }

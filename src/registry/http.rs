@@ -3,8 +3,8 @@
 //! resumable, size-limited, retried transfers into a partial file that is
 //! hashed as it is written.
 
-use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -562,13 +562,19 @@ fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
 /// the size limit.
 pub(crate) fn copy_local(key: &str, src: &Path, partial: &Path, max_size: u64) -> Result<(String, u64)> {
     let url = format!("file://{}", src.display());
-    let mut input = File::open(src).map_err(|e| Error::Download {
-        key: key.into(),
-        url: url.clone(),
-        attempts: 1,
-        reason: e.to_string(),
-    })?;
-    let len = input.metadata().map(|m| m.len()).unwrap_or(0);
+    let failed = |reason: String| Error::Download { key: key.into(), url: url.clone(), attempts: 1, reason };
+    // O_NONBLOCK: opening a FIFO must not wait for a writer; what was opened
+    // is then checked to be a regular file.
+    let mut input = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(src)
+        .map_err(|e| failed(e.to_string()))?;
+    let meta = input.metadata().map_err(|e| failed(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(failed("not a regular file".into()));
+    }
+    let len = meta.len();
     if len > max_size {
         return Err(Error::DownloadTooLarge { key: key.into(), url, size: len, limit: max_size });
     }
@@ -587,7 +593,7 @@ pub(crate) fn copy_local(key: &str, src: &Path, partial: &Path, max_size: u64) -
                 return Err(Error::Download { key: key.into(), url, attempts: 1, reason: e.to_string() })
             }
         };
-        size += n as u64;
+        size = size.saturating_add(n as u64);
         if size > max_size {
             let _ = std::fs::remove_file(partial);
             return Err(Error::DownloadTooLarge { key: key.into(), url, size, limit: max_size });

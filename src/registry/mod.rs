@@ -520,7 +520,9 @@ impl Registry {
     }
 
     /// The models that pass `filter`, by key, with the state of their files
-    /// (no network; hashing a file only when its sidecar is stale).
+    /// (no network; hashing a file only when its sidecar is stale). A file
+    /// that cannot be checked is in state [`FileState::Error`]: it makes its
+    /// model unavailable, not the listing fail.
     pub fn list(&self, filter: &Filter) -> Result<Vec<Listing>> {
         let mut out = Vec::new();
         for e in self.entries.values().filter(|e| filter.matches(e)) {
@@ -534,13 +536,14 @@ impl Registry {
         Ok(out)
     }
 
-    /// Checks the model's files on disk against the catalogue (no network).
+    /// Checks the model's files on disk against the catalogue (no network);
+    /// a file that cannot be checked is in state [`FileState::Error`].
     pub fn validate(&self, key: &str) -> Result<Validation> {
         self.validate_entry(self.entry(key)?)
     }
 
     fn validate_entry(&self, e: &Entry) -> Result<Validation> {
-        let files = e.files.iter().map(|f| self.check_file(e, f)).collect::<Result<Vec<_>>>()?;
+        let files: Vec<FileStatus> = e.files.iter().map(|f| self.file_status(e, f)).collect();
         let available = !files.is_empty() && files.iter().all(|f| self.usable(f.state));
         Ok(Validation { key: e.key.clone(), available, files })
     }
