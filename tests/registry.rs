@@ -1046,3 +1046,72 @@ fn one_bad_file_does_not_fail_the_listing() {
     assert_eq!(reg.validate("zip").unwrap().files[0].state, FileState::Error);
     assert!(reg.path("zip").is_err());
 }
+
+#[test]
+fn a_held_lock_times_out_naming_the_lock_file_and_a_deadline_ends_a_slow_download() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let body = payload(10_000, 28);
+    server.add("/w.bin", body.clone(), Fault::None);
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({"m": entry("lora", "m/w.bin", Some(&sha(&body)), &server.url("/w.bin"))}),
+    );
+    let lock = dir.path().join("cache/.locks/lora/m/w.bin.lock");
+    std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    // Someone else holds the lock (flock locks belong to an open file, so
+    // a second open in this process conflicts as another process's would).
+    let holder = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: `holder` is an open descriptor.
+    assert_eq!(unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let reg = builder(dir.path(), Some(&server))
+        .lock_timeout(Duration::from_millis(300))
+        .catalogue(cat.clone())
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let result = reg.download("m");
+    drop(holder);
+    match result {
+        Err(Error::LockTimeout { path, .. }) => assert_eq!(path, lock),
+        other => panic!("expected a lock timeout, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(server.gets("/w.bin"), 0);
+
+    server.add("/w.bin", body.clone(), Fault::Slow { chunk: 1000, delay: Duration::from_millis(200) });
+    let reg = builder(dir.path(), Some(&server))
+        .download_deadline(Some(Duration::from_millis(500)))
+        .catalogue(cat)
+        .build()
+        .unwrap();
+    match reg.download("m") {
+        Err(Error::Download { reason, .. }) => assert!(reason.contains("deadline"), "{reason}"),
+        other => panic!("expected a deadline, got {other:?}"),
+    }
+}
+
+#[test]
+fn remove_checks_the_hub_snapshot_path_and_keeps_what_is_outside() {
+    let dir = tempfile::tempdir().unwrap();
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({"m": entry("lora", "m/w.pt", Some(&sha(b"x")), &format!("hf://o/r/w.pt@{commit}"))}),
+    );
+    // snapshots/<commit> is a symlink to a folder outside the cache.
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("target"), b"precious").unwrap();
+    std::os::unix::fs::symlink("target", outside.join("w.pt")).unwrap();
+    let snapshots = dir.path().join("hf/models--o--r/snapshots");
+    std::fs::create_dir_all(&snapshots).unwrap();
+    std::os::unix::fs::symlink(&outside, snapshots.join(commit)).unwrap();
+    let reg = builder(dir.path(), None).catalogue(cat).build().unwrap();
+    assert!(matches!(reg.remove("m"), Err(Error::UnsafePath { .. })), "{:?}", reg.remove("m"));
+    assert!(std::fs::symlink_metadata(outside.join("w.pt")).is_ok(), "nothing removed through the link");
+    assert_eq!(std::fs::read(outside.join("target")).unwrap(), b"precious");
+}

@@ -6,6 +6,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -218,7 +219,9 @@ pub(crate) struct FileLock {
 }
 
 impl FileLock {
-    pub(crate) fn acquire(path: &Path) -> Result<FileLock> {
+    /// Takes the lock, waiting for it (and saying so) at most `timeout`
+    /// ([`Error::LockTimeout`], naming the lock file).
+    pub(crate) fn acquire(path: &Path, timeout: Duration) -> Result<FileLock> {
         let cache_err = |e: io::Error| Error::Cache { path: path.to_path_buf(), source: e };
         if let Some(dir) = path.parent() {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(cache_err)?;
@@ -233,16 +236,29 @@ impl FileLock {
             .open(path)
             .map_err(cache_err)?;
         use std::os::fd::AsRawFd;
+        let started = Instant::now();
+        let mut said = false;
         loop {
             // SAFETY: `file` is an open descriptor owned by this function.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
             if rc == 0 {
                 break;
             }
             let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(cache_err(e));
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => {}
+                _ => return Err(cache_err(e)),
             }
+            let waited = started.elapsed();
+            if waited >= timeout {
+                return Err(Error::LockTimeout { path: path.to_path_buf(), waited });
+            }
+            if !said {
+                tracing::info!("waiting for lock {}", path.display());
+                said = true;
+            }
+            std::thread::sleep(Duration::from_millis(50).min(timeout - waited));
         }
         Ok(FileLock { _file: file })
     }

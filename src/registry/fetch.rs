@@ -188,6 +188,7 @@ impl Registry {
         make_dirs(key, root, parent)?;
         let _lock = FileLock::acquire(
             &self.dirs.sire.join(".locks").join(entry.model_type.as_str()).join(format!("{rel}.lock")),
+            self.lock_timeout,
         )?;
         // Another process may have fetched it while this one waited.
         if let Some(path) = self.present(entry, file)? {
@@ -243,8 +244,10 @@ impl Registry {
                     .map_err(|e| Error::Cache { path: reference.clone(), source: e })?;
             }
         }
-        let _lock =
-            FileLock::acquire(&self.dirs.hf.join(".locks").join(&folder).join(format!("{}.lock", hub.etag)))?;
+        let _lock = FileLock::acquire(
+            &self.dirs.hf.join(".locks").join(&folder).join(format!("{}.lock", hub.etag)),
+            self.lock_timeout,
+        )?;
         let pointer = repo_dir.join("snapshots").join(&hub.commit).join(path);
         if let Some(found) = self.present(entry, file)? {
             return Ok(found);

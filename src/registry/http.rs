@@ -6,7 +6,7 @@
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -32,6 +32,8 @@ pub(crate) struct Net {
     pub(crate) backoff: Duration,
     pub(crate) max_size: u64,
     pub(crate) progress: bool,
+    /// The longest one transfer may take, retries included.
+    pub(crate) deadline: Option<Duration>,
 }
 
 /// Why a request failed.
@@ -81,7 +83,7 @@ impl Net {
                 None
             }
         };
-        Net { agent, endpoint, hub, token, retries, backoff, max_size, progress }
+        Net { agent, endpoint, hub, token, retries, backoff, max_size, progress, deadline: None }
     }
 
     /// Whether the token may go with a request to `url`: only to the hub
@@ -288,7 +290,19 @@ impl Net {
         // resets the count, so a large file on a flaky link gets through.
         let (mut attempt, mut failures, mut best) = (0u32, 0u32, 0u64);
         let mut resumed = false;
+        let deadline = self.deadline.map(|d| (d, Instant::now() + d));
         loop {
+            if let Some((d, at)) = deadline {
+                if Instant::now() >= at {
+                    bar.finish_and_clear();
+                    return Err(Error::Download {
+                        key: key.into(),
+                        url: url.into(),
+                        attempts: attempt,
+                        reason: format!("the download deadline ({d:?}) passed; the partial file is kept"),
+                    });
+                }
+            }
             attempt += 1;
             let offset = match std::fs::symlink_metadata(partial) {
                 Ok(m) => m.len(),
@@ -329,32 +343,34 @@ impl Net {
                     });
                 }
                 Err(Failure::Transport(e)) => e,
-                Ok((resp, _)) => match self.receive(resp, partial, &side, offset, &mut info, &bar) {
-                    Ok(Received::Done(sha, size, from_range)) => {
-                        let _ = std::fs::remove_file(&side);
-                        bar.finish_and_clear();
-                        return Ok(Transferred { sha256: sha, size, resumed: resumed || from_range });
+                Ok((resp, _)) => {
+                    match self.receive(resp, partial, offset, &mut info, &bar, deadline.map(|(_, at)| at)) {
+                        Ok(Received::Done(sha, size, from_range)) => {
+                            let _ = std::fs::remove_file(&side);
+                            bar.finish_and_clear();
+                            return Ok(Transferred { sha256: sha, size, resumed: resumed || from_range });
+                        }
+                        Ok(Received::TooLarge(size)) => {
+                            bar.finish_and_clear();
+                            return Err(too_large(size));
+                        }
+                        Ok(Received::Refused(reason)) => {
+                            bar.finish_and_clear();
+                            discard();
+                            return Err(Error::Download {
+                                key: key.into(),
+                                url: url.into(),
+                                attempts: attempt,
+                                reason,
+                            });
+                        }
+                        Ok(Received::Retry(reason, from_range)) => {
+                            resumed |= from_range;
+                            reason
+                        }
+                        Err(e) => return Err(io_err(e)),
                     }
-                    Ok(Received::TooLarge(size)) => {
-                        bar.finish_and_clear();
-                        return Err(too_large(size));
-                    }
-                    Ok(Received::Refused(reason)) => {
-                        bar.finish_and_clear();
-                        discard();
-                        return Err(Error::Download {
-                            key: key.into(),
-                            url: url.into(),
-                            attempts: attempt,
-                            reason,
-                        });
-                    }
-                    Ok(Received::Retry(reason, from_range)) => {
-                        resumed |= from_range;
-                        reason
-                    }
-                    Err(e) => return Err(io_err(e)),
-                },
+                }
             };
             failures += 1;
             if failures > self.retries || attempt >= MAX_REQUESTS {
@@ -372,11 +388,12 @@ impl Net {
         &self,
         resp: ureq::Response,
         partial: &Path,
-        side: &Path,
         offset: u64,
         info: &mut PartialInfo,
         bar: &ProgressBar,
+        deadline: Option<Instant>,
     ) -> io::Result<Received> {
+        let side = &partial_sidecar(partial);
         let status = resp.status();
         let length: Option<u64> = resp.header("Content-Length").and_then(|v| v.trim().parse().ok());
         let restart = |info: &mut PartialInfo| {
@@ -472,6 +489,10 @@ impl Net {
                     return Ok(Received::Retry(format!("connection cut after {size} bytes: {e}"), resumed));
                 }
             };
+            if deadline.is_some_and(|at| Instant::now() >= at) {
+                file.flush()?;
+                return Ok(Received::Retry(format!("the deadline passed after {size} bytes"), resumed));
+            }
             let next = size.saturating_add(n as u64);
             if next > self.max_size {
                 return Ok(Received::TooLarge(next));
