@@ -1115,3 +1115,33 @@ fn remove_checks_the_hub_snapshot_path_and_keeps_what_is_outside() {
     assert!(std::fs::symlink_metadata(outside.join("w.pt")).is_ok(), "nothing removed through the link");
     assert_eq!(std::fs::read(outside.join("target")).unwrap(), b"precious");
 }
+
+#[test]
+fn protocol_0_pickles_and_code_less_archives_are_refused_as_pickles() {
+    let dir = tempfile::tempdir().unwrap();
+    let p0 = dir.path().join("p0.bin");
+    std::fs::write(&p0, b"cos\nsystem\n(S'echo hi'\ntR.").unwrap();
+    let fake = dir.path().join("fake.pt");
+    {
+        use std::io::Write;
+        let mut w = zip::ZipWriter::new(std::fs::File::create(&fake).unwrap());
+        w.add_directory("archive/code/", zip::write::FileOptions::default()).unwrap();
+        w.start_file("archive/data.pkl", zip::write::FileOptions::default()).unwrap();
+        w.write_all(b"\x80\x02cos\nsystem\n.").unwrap();
+        w.finish().unwrap();
+    }
+    let url = |p: &Path| format!("file://{}", p.display());
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({
+            "p0": entry("lora", "p0/w.bin", Some(&sha(&std::fs::read(&p0).unwrap())), &url(&p0)),
+            "fake": entry("torchscript", "fake/m.pt", Some(&sha(&std::fs::read(&fake).unwrap())), &url(&fake)),
+        }),
+    );
+    let reg = builder(dir.path(), None).catalogue(cat).build().unwrap();
+    for key in ["p0", "fake"] {
+        assert!(matches!(reg.download(key), Err(Error::Pickle { .. })), "{key}: {:?}", reg.download(key));
+        assert_eq!(reg.validate(key).unwrap().files[0].state, FileState::Pickle, "{key}");
+    }
+}
