@@ -432,7 +432,10 @@ fn paths_escaping_the_cache_are_refused() {
     ] {
         let cat = write_catalogue(dir.path(), &format!("{name}.json"), &bad);
         match builder(dir.path(), None).catalogue(cat).build() {
-            Err(Error::UnsafePath { key, reason, .. }) => assert_eq!(key, "e", "{name}: {reason}"),
+            Err(Error::UnsafePath { key, reason, .. }) => {
+                assert_eq!(key, "e", "{name}: {reason}");
+                assert!(reason.contains(&format!("{name}.json")), "the catalogue file is named: {reason}");
+            }
             other => panic!("{name}: expected an unsafe path, got {other:?}"),
         }
     }
@@ -492,22 +495,33 @@ fn pickles_and_unhashed_files_need_an_explicit_opt_in() {
 }
 
 #[test]
-fn sidecar_is_trusted_until_size_or_mtime_change() {
+fn sidecar_is_trusted_until_the_file_changes() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start();
     let body = payload(4096, 11);
     let (reg, _) = one_model(dir.path(), &server, "s", &body, Fault::None);
     let path = reg.download("s").unwrap().remove(0);
+    assert_eq!(reg.validate("s").unwrap().files[0].state, FileState::Valid);
+    // The sidecar answers while the file is untouched: a forged one is believed.
+    let sidecars: Vec<_> =
+        std::fs::read_dir(dir.path().join("cache/.validated")).unwrap().flatten().collect();
+    assert_eq!(sidecars.len(), 1);
+    let side = sidecars[0].path();
+    let text = std::fs::read_to_string(&side).unwrap();
+    std::fs::write(&side, text.replace(&sha(&body), &"0".repeat(64))).unwrap();
+    assert_eq!(reg.validate("s").unwrap().files[0].state, FileState::Mismatch, "the sidecar was used");
+    std::fs::write(&side, &text).unwrap();
+    assert_eq!(reg.validate("s").unwrap().files[0].state, FileState::Valid);
+    // Same size, same mtime, other bytes: the change time gives it away.
     let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
-    // Same size, same mtime, other bytes: the sidecar answers (no re-hash).
     let mut other = body.clone();
     other[0] ^= 1;
     std::fs::write(&path, &other).unwrap();
     let f = std::fs::File::options().write(true).open(&path).unwrap();
     f.set_modified(mtime).unwrap();
     drop(f);
-    assert_eq!(reg.validate("s").unwrap().files[0].state, FileState::Valid, "the sidecar was used");
-    // A new mtime invalidates it: the file is hashed again and does not match.
+    assert_eq!(reg.validate("s").unwrap().files[0].state, FileState::Mismatch);
+    // A new mtime too.
     f_touch(&path, mtime + Duration::from_secs(5));
     assert_eq!(reg.validate("s").unwrap().files[0].state, FileState::Mismatch);
     assert!(matches!(reg.path("s"), Err(Error::HashMismatch { removed: false, .. })));
@@ -852,7 +866,10 @@ fn a_revision_that_is_an_absolute_path_is_refused() {
             &json!({"e": entry("lora", "e/w.pt", Some(&sha(b"x")), &format!("hf://o/r/w.pt@{rev}"))}),
         );
         match builder(dir.path(), None).catalogue(cat).build() {
-            Err(Error::InvalidEntry { key, reason }) => assert_eq!(key, "e", "{rev}: {reason}"),
+            Err(Error::InvalidEntry { key, reason }) => {
+                assert_eq!(key, "e", "{rev}: {reason}");
+                assert!(reason.contains(&format!("c{i}.json")), "the catalogue file is named: {reason}");
+            }
             other => panic!("{rev}: expected an invalid entry, got {other:?}"),
         }
     }
@@ -1144,4 +1161,42 @@ fn protocol_0_pickles_and_code_less_archives_are_refused_as_pickles() {
         assert!(matches!(reg.download(key), Err(Error::Pickle { .. })), "{key}: {:?}", reg.download(key));
         assert_eq!(reg.validate(key).unwrap().files[0].state, FileState::Pickle, "{key}");
     }
+}
+
+#[test]
+fn the_hub_commit_must_be_a_lowercase_sha_and_match_a_commit_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Server::start();
+    let body = payload(2000, 29);
+    let h = sha(&body);
+    let (a, b) = ("a".repeat(40), "b".repeat(40));
+    let registry = |name: &str, url: &str| {
+        let cat = write_catalogue(dir.path(), name, &json!({"m": entry("lora", "m/w.pt", Some(&h), url)}));
+        builder(dir.path(), Some(&hub)).retries(0).catalogue(cat).build().unwrap()
+    };
+    // Asked for commit a, the hub says b.
+    hub.add_hub_file("o/r", &a, &b, "w.pt", body.clone(), &h);
+    let reg = registry("c1.json", &format!("hf://o/r/w.pt@{a}"));
+    match reg.download("m") {
+        Err(Error::InvalidEntry { reason, .. }) => assert!(reason.contains("asked for commit"), "{reason}"),
+        other => panic!("expected a refused commit, got {other:?}"),
+    }
+    // A commit that is not 40 lowercase hex digits.
+    for bad in ["ABCDEF".repeat(7)[..40].to_string(), "main".to_string(), "0123abc".to_string()] {
+        hub.add_hub_file("o/q", "main", &bad, "w.pt", body.clone(), &h);
+        let reg = registry("c2.json", "hf://o/q/w.pt@main");
+        match reg.download("m") {
+            Err(Error::InvalidEntry { reason, .. }) => {
+                assert!(reason.contains("40 lowercase hex"), "{reason}")
+            }
+            other => panic!("{bad}: expected a refused commit, got {other:?}"),
+        }
+    }
+    // An uppercase commit revision is the lowercase commit.
+    let c = "c".repeat(40);
+    hub.add_hub_file("o/p", "main", &c, "w.pt", body.clone(), &h);
+    let reg = registry("c3.json", &format!("hf://o/p/w.pt@{}", c.to_uppercase()));
+    let path = reg.download("m").unwrap().remove(0);
+    assert_eq!(path, dir.path().join(format!("hf/models--o--p/snapshots/{c}/w.pt")));
+    assert!(!dir.path().join("hf/models--o--p/refs").exists());
 }

@@ -299,6 +299,11 @@ struct Sidecar {
     path: PathBuf,
     size: u64,
     mtime_ns: i128,
+    /// Inode, device and change time: a file replaced or rewritten with the
+    /// same size and a restored mtime still has new ones.
+    ino: u64,
+    dev: u64,
+    ctime_ns: i128,
     sha256: String,
 }
 
@@ -317,15 +322,35 @@ fn mtime_ns(m: &fs::Metadata) -> i128 {
     m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
 }
 
+fn ctime_ns(m: &fs::Metadata) -> i128 {
+    m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128
+}
+
+impl Sidecar {
+    fn of(path: PathBuf, meta: &fs::Metadata, sha256: String) -> Sidecar {
+        Sidecar {
+            path,
+            size: meta.len(),
+            mtime_ns: mtime_ns(meta),
+            ino: meta.ino(),
+            dev: meta.dev(),
+            ctime_ns: ctime_ns(meta),
+            sha256,
+        }
+    }
+}
+
 /// The sha256 of `file` (whose metadata is `meta`): from its sidecar when
-/// the size and modification time still match, else hashed and remembered.
+/// the size, modification and change times, inode and device still match,
+/// else hashed and remembered.
 /// A sidecar that cannot be written (a read-only cache) is skipped.
 pub(crate) fn sha256_cached(dirs: &CacheDirs, file: &Path, meta: &fs::Metadata) -> Result<String> {
     let real = real(file);
     let side = sidecar_path(dirs, &real);
     if let Ok(text) = fs::read_to_string(&side) {
         if let Ok(s) = serde_json::from_str::<Sidecar>(&text) {
-            if s.path == real && s.size == meta.len() && s.mtime_ns == mtime_ns(meta) {
+            let now = Sidecar::of(real.clone(), meta, s.sha256.clone());
+            if s == now {
                 return Ok(s.sha256);
             }
         }
@@ -339,7 +364,7 @@ pub(crate) fn sha256_cached(dirs: &CacheDirs, file: &Path, meta: &fs::Metadata) 
 pub(crate) fn remember(dirs: &CacheDirs, file: &Path, meta: &fs::Metadata, sha256: &str) {
     let real = real(file);
     let side = sidecar_path(dirs, &real);
-    let record = Sidecar { path: real, size: meta.len(), mtime_ns: mtime_ns(meta), sha256: sha256.into() };
+    let record = Sidecar::of(real, meta, sha256.into());
     let text = serde_json::to_vec(&record).expect("a sidecar serializes");
     if let Err(e) = write_atomic(&side, &text) {
         tracing::debug!(sidecar = %side.display(), error = %e, "could not record a file's sha256");
