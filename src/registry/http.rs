@@ -625,3 +625,21 @@ pub(crate) fn copy_local(key: &str, src: &Path, partial: &Path, max_size: u64) -
     out.sync_all().map_err(io_err)?;
     Ok((hex(&hasher.finalize()), size))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_ranges() {
+        assert_eq!(parse_content_range("bytes 10-19/20"), Some((10, 19, Some(20))));
+        assert_eq!(parse_content_range("bytes 10-19/*"), Some((10, 19, None)));
+        for bad in
+            ["bytes 10-9/20", "bytes 10-20/20", "10-19/20", "bytes x-19/20", "bytes 0-1/99999999999999999999"]
+        {
+            assert_eq!(parse_content_range(bad), None, "{bad}");
+        }
+        let p = Path::new("/c/m/w.bin.incomplete");
+        assert_eq!(partial_sidecar(p), Path::new("/c/m/w.bin.incomplete.json"));
+    }
+}
