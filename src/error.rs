@@ -345,6 +345,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// Another process held a cache file's lock longer than the registry's
+    /// lock timeout ([`crate::registry::RegistryBuilder::lock_timeout`]).
+    #[cfg(feature = "registry")]
+    #[error("waited {waited:?} for the lock {path:?} (another process is downloading or removing that file; if none is, it is safe to delete the lock file)")]
+    LockTimeout {
+        /// The lock file.
+        path: std::path::PathBuf,
+        /// How long this process waited.
+        waited: std::time::Duration,
+    },
+
     /// A download is larger than the registry's size limit; nothing is kept.
     #[cfg(feature = "registry")]
     #[error("model `{key}`: {url} is larger than the download limit: {} > {}", fmt_bytes(*size), fmt_bytes(*limit))]

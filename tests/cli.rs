@@ -140,9 +140,13 @@ fn models_commands_over_a_file_url() {
     assert_eq!(code(&cache), 0, "{}", stderr(&cache));
     assert_eq!(json_out(&cache)["sire"]["safetensors"], bytes.len() as u64);
 
-    let rm = s.sire(&["-c", cat, "models", "remove", "tiny", "--json"]);
-    assert_eq!(code(&rm), 0);
-    assert_eq!(json_out(&rm)[0]["freed"], bytes.len() as u64);
+    // Every key is tried and reported, in order; one failure exits 1.
+    let rm = s.sire(&["-c", cat, "models", "remove", "nope", "tiny", "--json"]);
+    assert_eq!(code(&rm), 1, "{}", stderr(&rm));
+    let v = json_out(&rm);
+    assert_eq!(v[0]["key"], "nope");
+    assert!(v[0]["error"].as_str().unwrap().contains("nope"), "{v}");
+    assert_eq!((v[1]["key"].as_str(), v[1]["freed"].as_u64()), (Some("tiny"), Some(bytes.len() as u64)));
     assert!(!expected.exists());
     let valid = s.sire(&["-c", cat, "models", "validate", "tiny", "--json"]);
     assert_eq!(code(&valid), 3);

@@ -432,7 +432,10 @@ fn paths_escaping_the_cache_are_refused() {
     ] {
         let cat = write_catalogue(dir.path(), &format!("{name}.json"), &bad);
         match builder(dir.path(), None).catalogue(cat).build() {
-            Err(Error::UnsafePath { key, reason, .. }) => assert_eq!(key, "e", "{name}: {reason}"),
+            Err(Error::UnsafePath { key, reason, .. }) => {
+                assert_eq!(key, "e", "{name}: {reason}");
+                assert!(reason.contains(&format!("{name}.json")), "the catalogue file is named: {reason}");
+            }
             other => panic!("{name}: expected an unsafe path, got {other:?}"),
         }
     }
@@ -448,7 +451,9 @@ fn paths_escaping_the_cache_are_refused() {
     );
     let reg = builder(dir.path(), None).catalogue(cat).build().unwrap();
     assert!(matches!(reg.download("m"), Err(Error::UnsafePath { .. })));
-    assert!(matches!(reg.validate("m"), Err(Error::UnsafePath { .. })));
+    let v = reg.validate("m").unwrap();
+    assert_eq!(v.files[0].state, FileState::Error);
+    assert!(v.files[0].error.as_deref().unwrap().contains("symlink"), "{:?}", v.files[0].error);
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "nothing written through the link");
     assert_eq!(server.gets("/x"), 0);
 }
@@ -490,22 +495,33 @@ fn pickles_and_unhashed_files_need_an_explicit_opt_in() {
 }
 
 #[test]
-fn sidecar_is_trusted_until_size_or_mtime_change() {
+fn sidecar_is_trusted_until_the_file_changes() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start();
     let body = payload(4096, 11);
     let (reg, _) = one_model(dir.path(), &server, "s", &body, Fault::None);
     let path = reg.download("s").unwrap().remove(0);
+    assert_eq!(reg.validate("s").unwrap().files[0].state, FileState::Valid);
+    // The sidecar answers while the file is untouched: a forged one is believed.
+    let sidecars: Vec<_> =
+        std::fs::read_dir(dir.path().join("cache/.validated")).unwrap().flatten().collect();
+    assert_eq!(sidecars.len(), 1);
+    let side = sidecars[0].path();
+    let text = std::fs::read_to_string(&side).unwrap();
+    std::fs::write(&side, text.replace(&sha(&body), &"0".repeat(64))).unwrap();
+    assert_eq!(reg.validate("s").unwrap().files[0].state, FileState::Mismatch, "the sidecar was used");
+    std::fs::write(&side, &text).unwrap();
+    assert_eq!(reg.validate("s").unwrap().files[0].state, FileState::Valid);
+    // Same size, same mtime, other bytes: the change time gives it away.
     let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
-    // Same size, same mtime, other bytes: the sidecar answers (no re-hash).
     let mut other = body.clone();
     other[0] ^= 1;
     std::fs::write(&path, &other).unwrap();
     let f = std::fs::File::options().write(true).open(&path).unwrap();
     f.set_modified(mtime).unwrap();
     drop(f);
-    assert_eq!(reg.validate("s").unwrap().files[0].state, FileState::Valid, "the sidecar was used");
-    // A new mtime invalidates it: the file is hashed again and does not match.
+    assert_eq!(reg.validate("s").unwrap().files[0].state, FileState::Mismatch);
+    // A new mtime too.
     f_touch(&path, mtime + Duration::from_secs(5));
     assert_eq!(reg.validate("s").unwrap().files[0].state, FileState::Mismatch);
     assert!(matches!(reg.path("s"), Err(Error::HashMismatch { removed: false, .. })));
@@ -749,4 +765,438 @@ fn round_trip_torchscript_safetensors_and_lora_load_by_key() {
     let ts_now = reg.loaded_models().into_iter().find(|l| l.key == "ts").unwrap();
     assert_eq!(ts_now.location, Some(sire::Location::Disk));
     assert!(ts_now.path.ends_with("torchscript/ts/model.pt"));
+}
+
+// ---- Security review regressions ----
+
+/// A registry with a hub token whose endpoint is `hub`.
+fn with_token(dir: &Path, hub: &Server, cat: PathBuf) -> Registry {
+    builder(dir, Some(hub)).hf_token(Some("secret".into())).retries(0).catalogue(cat).build().unwrap()
+}
+
+#[test]
+fn the_token_never_reaches_another_host_through_url_tricks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, other) = (Server::start(), Server::start());
+    let body = payload(1000, 20);
+    other.add("/x", body.clone(), Fault::None);
+    other.add("/@127.0.0.1:1/x", body.clone(), Fault::None);
+    hub.add("/x", body.clone(), Fault::None);
+    let h = sha(&body);
+    // In a catalogue: the backslash trick and userinfo are refused at load.
+    for (name, url) in [
+        ("backslash", format!("http://127.0.0.1:{}\\@127.0.0.1:{}/x", other.port, hub.port)),
+        ("userinfo", format!("http://user@127.0.0.1:{}/x", hub.port)),
+    ] {
+        let cat = write_catalogue(
+            dir.path(),
+            &format!("{name}.json"),
+            &json!({"e": entry("lora", "e/x.bin", Some(&h), &url)}),
+        );
+        match builder(dir.path(), Some(&hub)).hf_token(Some("secret".into())).catalogue(cat).build() {
+            Err(Error::InvalidEntry { key, reason }) => assert_eq!(key, "e", "{name}: {reason}"),
+            other => panic!("{name}: expected an invalid entry, got {other:?}"),
+        }
+    }
+    // In a redirect from the hub's host: refused, nothing sent to the other host.
+    for (i, location) in [
+        format!("http://127.0.0.1:{}\\@127.0.0.1:{}/x", other.port, hub.port),
+        format!("http://127.0.0.1:{}\\@127.0.0.1:1/x", other.port),
+        format!("http://user@127.0.0.1:{}/x", other.port),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let route = format!("/redirect{i}");
+        hub.add(&route, Vec::new(), Fault::Redirect(location.clone()));
+        let cat = write_catalogue(
+            dir.path(),
+            &format!("r{i}.json"),
+            &json!({"r": entry("lora", &format!("r{i}/x.bin"), Some(&h), &hub.url(&route))}),
+        );
+        let reg = with_token(dir.path(), &hub, cat);
+        let err = reg.download("r").unwrap_err();
+        assert!(matches!(err, Error::Download { .. }), "{location}: {err:?}");
+        assert!(!dir.path().join(format!("cache/lora/r{i}/x.bin")).exists());
+    }
+    assert!(
+        other.seen().iter().all(|s| s.authorization.is_none()),
+        "the token reached another host: {:?}",
+        other.seen()
+    );
+    assert!(other.seen().is_empty(), "refused redirects are not followed: {:?}", other.seen());
+}
+
+#[test]
+fn the_token_is_not_sent_in_clear_to_an_https_endpoint_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let body = payload(1000, 21);
+    server.add("/x", body.clone(), Fault::None);
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({"m": entry("lora", "m/x.bin", Some(&sha(&body)), &server.url("/x"))}),
+    );
+    // The endpoint is https on this host and port; the file is plain http there.
+    let reg = builder(dir.path(), None)
+        .hf_endpoint(format!("https://127.0.0.1:{}", server.port))
+        .hf_token(Some("secret".into()))
+        .catalogue(cat)
+        .build()
+        .unwrap();
+    reg.download("m").unwrap();
+    let seen = server.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].authorization, None, "the token went over plain http");
+}
+
+#[test]
+fn a_revision_that_is_an_absolute_path_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, "keep me").unwrap();
+    for (i, rev) in [victim.display().to_string(), "a/../../../x".into(), "a//b".into(), "v1.lock".into()]
+        .into_iter()
+        .enumerate()
+    {
+        let cat = write_catalogue(
+            dir.path(),
+            &format!("c{i}.json"),
+            &json!({"e": entry("lora", "e/w.pt", Some(&sha(b"x")), &format!("hf://o/r/w.pt@{rev}"))}),
+        );
+        match builder(dir.path(), None).catalogue(cat).build() {
+            Err(Error::InvalidEntry { key, reason }) => {
+                assert_eq!(key, "e", "{rev}: {reason}");
+                assert!(reason.contains(&format!("c{i}.json")), "the catalogue file is named: {reason}");
+            }
+            other => panic!("{rev}: expected an invalid entry, got {other:?}"),
+        }
+    }
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+    assert!(!dir.path().join("hf").exists(), "nothing written");
+}
+
+/// Downloads with one retry-less attempt that is cut after `cut` bytes,
+/// leaving a partial file; returns the partial file's path.
+fn interrupted(dir: &Path, server: &Server, route: &str, body: &[u8], expected: &str, cut: usize) -> PathBuf {
+    server.add(route, body.to_vec(), Fault::CutAfter { bytes: cut, times: 1 });
+    let cat = write_catalogue(
+        dir,
+        "c.json",
+        &json!({"m": entry("lora", "m/w.bin", Some(expected), &server.url(route))}),
+    );
+    let reg = builder(dir, Some(server)).retries(0).catalogue(cat).build().unwrap();
+    assert!(matches!(reg.download("m"), Err(Error::Download { .. })));
+    let partial = dir.join("cache/lora/m/w.bin.incomplete");
+    assert_eq!(std::fs::metadata(&partial).unwrap().len(), cut as u64);
+    partial
+}
+
+#[test]
+fn a_partial_file_of_another_url_or_version_is_not_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let (old, new) = (payload(200_000, 22), payload(200_000, 23));
+    // The catalogue entry changes URL and hash between the two downloads.
+    interrupted(dir.path(), &server, "/v1/w.bin", &old, &sha(&old), 100_000);
+    server.add("/v2/w.bin", new.clone(), Fault::None);
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({"m": entry("lora", "m/w.bin", Some(&sha(&new)), &server.url("/v2/w.bin"))}),
+    );
+    let reg = builder(dir.path(), Some(&server)).retries(0).catalogue(cat).build().unwrap();
+    let path = reg.download("m").unwrap().remove(0);
+    assert_eq!(std::fs::read(&path).unwrap(), new, "the new file is whole and correct");
+    let v2: Vec<_> = server.seen().into_iter().filter(|s| s.path == "/v2/w.bin").collect();
+    assert_eq!(v2.len(), 1);
+    assert_eq!(v2[0].range, None, "no resume from another URL's bytes");
+    assert!(!leftovers(&dir.path().join("cache"))
+        .iter()
+        .any(|p| p.to_string_lossy().contains(".incomplete")));
+}
+
+#[test]
+fn a_resume_that_mismatches_starts_again_and_sends_if_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let (old, new) = (payload(200_000, 24), payload(200_000, 25));
+    // Same URL and catalogue hash; the server's file changes in between.
+    let route = "/w.bin";
+    server.add_with_headers(route, old.clone(), Fault::CutAfter { bytes: 100_000, times: 1 }, vec![]);
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({"m": entry("lora", "m/w.bin", Some(&sha(&new)), &server.url(route))}),
+    );
+    let reg = builder(dir.path(), Some(&server)).retries(0).catalogue(cat).build().unwrap();
+    assert!(matches!(reg.download("m"), Err(Error::Download { .. })));
+    server.add(route, new.clone(), Fault::None);
+    let path = reg.download("m").unwrap().remove(0);
+    assert_eq!(std::fs::read(&path).unwrap(), new);
+    let ranges: Vec<_> = server.seen().into_iter().map(|s| s.range).collect();
+    assert_eq!(ranges, [None, Some("bytes=100000-".to_string()), None], "resumed, mismatched, started again");
+
+    // With an ETag, the resume carries If-Range; a changed file comes whole.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let etag = |v: &str| vec![("ETag".to_string(), format!("\"{v}\""))];
+    server.add_with_headers(route, old.clone(), Fault::CutAfter { bytes: 100_000, times: 1 }, etag("v1"));
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({"m": entry("lora", "m/w.bin", Some(&sha(&new)), &server.url(route))}),
+    );
+    let reg = builder(dir.path(), Some(&server)).retries(0).catalogue(cat).build().unwrap();
+    assert!(reg.download("m").is_err());
+    server.add_with_headers(route, new.clone(), Fault::None, etag("v2"));
+    let path = reg.download("m").unwrap().remove(0);
+    assert_eq!(std::fs::read(&path).unwrap(), new);
+    let seen = server.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[1].range.as_deref(), Some("bytes=100000-"));
+    assert_eq!(seen[1].if_range.as_deref(), Some("\"v1\""));
+}
+
+#[test]
+fn a_206_to_a_request_without_range_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let body = payload(100_000, 26);
+    let (reg, _) = one_model(dir.path(), &server, "part", &body, Fault::Unasked206(40_000));
+    match reg.download("part") {
+        Err(Error::Download { reason, .. }) => assert!(reason.contains("206"), "{reason}"),
+        other => panic!("expected a refused 206, got {other:?}"),
+    }
+    let left = leftovers(&dir.path().join("cache"));
+    assert!(!left.iter().any(|p| !p.to_string_lossy().contains("/.locks/")), "{left:?}");
+}
+
+#[test]
+fn a_huge_content_length_on_a_206_is_too_large_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let body = payload(200_000, 27);
+    let route = "/w.bin";
+    interrupted(dir.path(), &server, route, &body, &sha(&body), 100_000);
+    server.add(route, body.clone(), Fault::ClaimsLength(u64::MAX));
+    let cat = dir.path().join("c.json");
+    let reg = builder(dir.path(), Some(&server)).retries(0).catalogue(cat).build().unwrap();
+    match reg.download("m") {
+        Err(Error::DownloadTooLarge { .. }) => {}
+        other => panic!("expected DownloadTooLarge, got {other:?}"),
+    }
+    assert_eq!(server.seen().last().unwrap().range.as_deref(), Some("bytes=100000-"));
+}
+
+#[test]
+fn a_404_leaves_no_partial_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let (reg, _) = one_model(dir.path(), &server, "gone", b"x", Fault::Always(404));
+    assert!(reg.download("gone").is_err());
+    let left = leftovers(&dir.path().join("cache"));
+    assert!(!left.iter().any(|p| !p.to_string_lossy().contains("/.locks/")), "{left:?}");
+}
+
+#[test]
+fn file_sources_must_be_regular_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    for (i, src) in
+        [fifo.clone(), PathBuf::from("/dev/zero"), dir.path().to_path_buf()].into_iter().enumerate()
+    {
+        let cat = write_catalogue(
+            dir.path(),
+            &format!("c{i}.json"),
+            &json!({"m": entry("lora", "m/w.bin", Some(&sha(b"x")), &format!("file://{}", src.display()))}),
+        );
+        let reg = builder(dir.path(), None).max_download_size(1 << 20).catalogue(cat).build().unwrap();
+        // In a thread: opening a FIFO without O_NONBLOCK would wait forever.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(reg.download("m").map_err(|e| e.to_string()));
+        });
+        match rx.recv_timeout(Duration::from_secs(10)).expect("the download of a FIFO or device returns") {
+            Err(reason) => assert!(reason.contains("not a regular file"), "{}: {reason}", src.display()),
+            Ok(p) => panic!("{}: copied into {p:?}", src.display()),
+        }
+        assert!(!dir.path().join("cache/lora/m/w.bin").exists());
+    }
+}
+
+#[test]
+fn one_bad_file_does_not_fail_the_listing() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.bin");
+    std::fs::write(&good, b"good").unwrap();
+    let url = format!("file://{}", good.display());
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({
+            "good": entry("lora", "good/w.bin", Some(&sha(b"good")), &url),
+            "link": entry("lora", "link/w.bin", Some(&sha(b"good")), &url),
+            "zip": entry("lora", "zip/w.pt", Some(&sha(b"PK\x03\x04 not a zip")), &url),
+        }),
+    );
+    let reg = builder(dir.path(), None).catalogue(cat).build().unwrap();
+    reg.download("good").unwrap();
+    // A symlink out of the cache, and a malformed zip archive.
+    std::fs::create_dir_all(dir.path().join("cache/lora")).unwrap();
+    std::os::unix::fs::symlink(dir.path(), dir.path().join("cache/lora/link")).unwrap();
+    std::fs::create_dir_all(dir.path().join("cache/lora/zip")).unwrap();
+    std::fs::write(dir.path().join("cache/lora/zip/w.pt"), b"PK\x03\x04 not a zip").unwrap();
+    let listed = reg.list(&Filter::new()).unwrap();
+    let state = |k: &str| {
+        let l = listed.iter().find(|l| l.entry.key == k).unwrap();
+        (l.available, l.status[0].state, l.status[0].error.clone())
+    };
+    assert_eq!(state("good"), (true, FileState::Valid, None));
+    let (available, s, error) = state("link");
+    assert_eq!((available, s), (false, FileState::Error), "{error:?}");
+    let (available, s, error) = state("zip");
+    assert_eq!((available, s), (false, FileState::Error), "{error:?}");
+    assert!(error.unwrap().contains("zip"));
+    assert_eq!(reg.validate("zip").unwrap().files[0].state, FileState::Error);
+    assert!(reg.path("zip").is_err());
+}
+
+#[test]
+fn a_held_lock_times_out_naming_the_lock_file_and_a_deadline_ends_a_slow_download() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let body = payload(10_000, 28);
+    server.add("/w.bin", body.clone(), Fault::None);
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({"m": entry("lora", "m/w.bin", Some(&sha(&body)), &server.url("/w.bin"))}),
+    );
+    let lock = dir.path().join("cache/.locks/lora/m/w.bin.lock");
+    std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    // Someone else holds the lock (flock locks belong to an open file, so
+    // a second open in this process conflicts as another process's would).
+    let holder = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: `holder` is an open descriptor.
+    assert_eq!(unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let reg = builder(dir.path(), Some(&server))
+        .lock_timeout(Duration::from_millis(300))
+        .catalogue(cat.clone())
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let result = reg.download("m");
+    drop(holder);
+    match result {
+        Err(Error::LockTimeout { path, .. }) => assert_eq!(path, lock),
+        other => panic!("expected a lock timeout, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(server.gets("/w.bin"), 0);
+
+    server.add("/w.bin", body.clone(), Fault::Slow { chunk: 1000, delay: Duration::from_millis(200) });
+    let reg = builder(dir.path(), Some(&server))
+        .download_deadline(Some(Duration::from_millis(500)))
+        .catalogue(cat)
+        .build()
+        .unwrap();
+    match reg.download("m") {
+        Err(Error::Download { reason, .. }) => assert!(reason.contains("deadline"), "{reason}"),
+        other => panic!("expected a deadline, got {other:?}"),
+    }
+}
+
+#[test]
+fn remove_checks_the_hub_snapshot_path_and_keeps_what_is_outside() {
+    let dir = tempfile::tempdir().unwrap();
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({"m": entry("lora", "m/w.pt", Some(&sha(b"x")), &format!("hf://o/r/w.pt@{commit}"))}),
+    );
+    // snapshots/<commit> is a symlink to a folder outside the cache.
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("target"), b"precious").unwrap();
+    std::os::unix::fs::symlink("target", outside.join("w.pt")).unwrap();
+    let snapshots = dir.path().join("hf/models--o--r/snapshots");
+    std::fs::create_dir_all(&snapshots).unwrap();
+    std::os::unix::fs::symlink(&outside, snapshots.join(commit)).unwrap();
+    let reg = builder(dir.path(), None).catalogue(cat).build().unwrap();
+    assert!(matches!(reg.remove("m"), Err(Error::UnsafePath { .. })), "{:?}", reg.remove("m"));
+    assert!(std::fs::symlink_metadata(outside.join("w.pt")).is_ok(), "nothing removed through the link");
+    assert_eq!(std::fs::read(outside.join("target")).unwrap(), b"precious");
+}
+
+#[test]
+fn protocol_0_pickles_and_code_less_archives_are_refused_as_pickles() {
+    let dir = tempfile::tempdir().unwrap();
+    let p0 = dir.path().join("p0.bin");
+    std::fs::write(&p0, b"cos\nsystem\n(S'echo hi'\ntR.").unwrap();
+    let fake = dir.path().join("fake.pt");
+    {
+        use std::io::Write;
+        let mut w = zip::ZipWriter::new(std::fs::File::create(&fake).unwrap());
+        w.add_directory("archive/code/", zip::write::FileOptions::default()).unwrap();
+        w.start_file("archive/data.pkl", zip::write::FileOptions::default()).unwrap();
+        w.write_all(b"\x80\x02cos\nsystem\n.").unwrap();
+        w.finish().unwrap();
+    }
+    let url = |p: &Path| format!("file://{}", p.display());
+    let cat = write_catalogue(
+        dir.path(),
+        "c.json",
+        &json!({
+            "p0": entry("lora", "p0/w.bin", Some(&sha(&std::fs::read(&p0).unwrap())), &url(&p0)),
+            "fake": entry("torchscript", "fake/m.pt", Some(&sha(&std::fs::read(&fake).unwrap())), &url(&fake)),
+        }),
+    );
+    let reg = builder(dir.path(), None).catalogue(cat).build().unwrap();
+    for key in ["p0", "fake"] {
+        assert!(matches!(reg.download(key), Err(Error::Pickle { .. })), "{key}: {:?}", reg.download(key));
+        assert_eq!(reg.validate(key).unwrap().files[0].state, FileState::Pickle, "{key}");
+    }
+}
+
+#[test]
+fn the_hub_commit_must_be_a_lowercase_sha_and_match_a_commit_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Server::start();
+    let body = payload(2000, 29);
+    let h = sha(&body);
+    let (a, b) = ("a".repeat(40), "b".repeat(40));
+    let registry = |name: &str, url: &str| {
+        let cat = write_catalogue(dir.path(), name, &json!({"m": entry("lora", "m/w.pt", Some(&h), url)}));
+        builder(dir.path(), Some(&hub)).retries(0).catalogue(cat).build().unwrap()
+    };
+    // Asked for commit a, the hub says b.
+    hub.add_hub_file("o/r", &a, &b, "w.pt", body.clone(), &h);
+    let reg = registry("c1.json", &format!("hf://o/r/w.pt@{a}"));
+    match reg.download("m") {
+        Err(Error::InvalidEntry { reason, .. }) => assert!(reason.contains("asked for commit"), "{reason}"),
+        other => panic!("expected a refused commit, got {other:?}"),
+    }
+    // A commit that is not 40 lowercase hex digits.
+    for bad in ["ABCDEF".repeat(7)[..40].to_string(), "main".to_string(), "0123abc".to_string()] {
+        hub.add_hub_file("o/q", "main", &bad, "w.pt", body.clone(), &h);
+        let reg = registry("c2.json", "hf://o/q/w.pt@main");
+        match reg.download("m") {
+            Err(Error::InvalidEntry { reason, .. }) => {
+                assert!(reason.contains("40 lowercase hex"), "{reason}")
+            }
+            other => panic!("{bad}: expected a refused commit, got {other:?}"),
+        }
+    }
+    // An uppercase commit revision is the lowercase commit.
+    let c = "c".repeat(40);
+    hub.add_hub_file("o/p", "main", &c, "w.pt", body.clone(), &h);
+    let reg = registry("c3.json", &format!("hf://o/p/w.pt@{}", c.to_uppercase()));
+    let path = reg.download("m").unwrap().remove(0);
+    assert_eq!(path, dir.path().join(format!("hf/models--o--p/snapshots/{c}/w.pt")));
+    assert!(!dir.path().join("hf/models--o--p/refs").exists());
 }

@@ -423,18 +423,28 @@ fn models(cli: &Cli, command: &Models) -> Result<u8, Failure> {
             Ok(0)
         }
         Models::Remove { keys } => {
+            // Every key is tried; each has its result; any failure exits 1.
             let mut out = Vec::new();
+            let mut status = 0;
             for key in keys {
-                let freed = reg.remove(key)?;
-                if !cli.json {
-                    println!("{key}\tfreed {}", human_bytes(freed));
+                match reg.remove(key) {
+                    Ok(freed) => {
+                        if !cli.json {
+                            println!("{key}\tfreed {}", human_bytes(freed));
+                        }
+                        out.push(json!({ "key": key, "freed": freed }));
+                    }
+                    Err(e) => {
+                        eprintln!("sire: error: {e}");
+                        out.push(json!({ "key": key, "error": e.to_string() }));
+                        status = 1;
+                    }
                 }
-                out.push(json!({ "key": key, "freed": freed }));
             }
             if cli.json {
                 print_json(&out);
             }
-            Ok(0)
+            Ok(status)
         }
     }
 }

@@ -6,6 +6,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -85,7 +86,7 @@ impl Place {
                 let commit = if is_commit(revision) {
                     revision.clone()
                 } else {
-                    let r = fs::read_to_string(repo_dir.join("refs").join(revision)).ok()?;
+                    let r = fs::read_to_string(ref_path(repo_dir, revision)?).ok()?;
                     let r = r.trim().to_string();
                     if !is_commit(&r) {
                         return None;
@@ -98,9 +99,24 @@ impl Place {
     }
 }
 
-/// A full 40-hex-digit commit sha.
+/// A full commit sha: 40 lowercase hex digits.
 pub(crate) fn is_commit(s: &str) -> bool {
-    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// `repo_dir/refs/<revision>`, when the revision is a plain relative path
+/// (only normal components) so that the result stays under `refs/`.
+pub(crate) fn ref_path(repo_dir: &Path, revision: &str) -> Option<PathBuf> {
+    let rel = Path::new(revision);
+    if revision.is_empty()
+        || revision.contains('\\')
+        || !rel.components().all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return None;
+    }
+    let refs = repo_dir.join("refs");
+    let path = refs.join(rel);
+    path.starts_with(&refs).then_some(path)
 }
 
 /// Checks that the file at `root/rel` is reached without symlinks (for the
@@ -203,7 +219,9 @@ pub(crate) struct FileLock {
 }
 
 impl FileLock {
-    pub(crate) fn acquire(path: &Path) -> Result<FileLock> {
+    /// Takes the lock, waiting for it (and saying so) at most `timeout`
+    /// ([`Error::LockTimeout`], naming the lock file).
+    pub(crate) fn acquire(path: &Path, timeout: Duration) -> Result<FileLock> {
         let cache_err = |e: io::Error| Error::Cache { path: path.to_path_buf(), source: e };
         if let Some(dir) = path.parent() {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(cache_err)?;
@@ -218,16 +236,29 @@ impl FileLock {
             .open(path)
             .map_err(cache_err)?;
         use std::os::fd::AsRawFd;
+        let started = Instant::now();
+        let mut said = false;
         loop {
             // SAFETY: `file` is an open descriptor owned by this function.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
             if rc == 0 {
                 break;
             }
             let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(cache_err(e));
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => {}
+                _ => return Err(cache_err(e)),
             }
+            let waited = started.elapsed();
+            if waited >= timeout {
+                return Err(Error::LockTimeout { path: path.to_path_buf(), waited });
+            }
+            if !said {
+                tracing::info!("waiting for lock {}", path.display());
+                said = true;
+            }
+            std::thread::sleep(Duration::from_millis(50).min(timeout - waited));
         }
         Ok(FileLock { _file: file })
     }
@@ -268,6 +299,11 @@ struct Sidecar {
     path: PathBuf,
     size: u64,
     mtime_ns: i128,
+    /// Inode, device and change time: a file replaced or rewritten with the
+    /// same size and a restored mtime still has new ones.
+    ino: u64,
+    dev: u64,
+    ctime_ns: i128,
     sha256: String,
 }
 
@@ -286,15 +322,35 @@ fn mtime_ns(m: &fs::Metadata) -> i128 {
     m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
 }
 
+fn ctime_ns(m: &fs::Metadata) -> i128 {
+    m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128
+}
+
+impl Sidecar {
+    fn of(path: PathBuf, meta: &fs::Metadata, sha256: String) -> Sidecar {
+        Sidecar {
+            path,
+            size: meta.len(),
+            mtime_ns: mtime_ns(meta),
+            ino: meta.ino(),
+            dev: meta.dev(),
+            ctime_ns: ctime_ns(meta),
+            sha256,
+        }
+    }
+}
+
 /// The sha256 of `file` (whose metadata is `meta`): from its sidecar when
-/// the size and modification time still match, else hashed and remembered.
+/// the size, modification and change times, inode and device still match,
+/// else hashed and remembered.
 /// A sidecar that cannot be written (a read-only cache) is skipped.
 pub(crate) fn sha256_cached(dirs: &CacheDirs, file: &Path, meta: &fs::Metadata) -> Result<String> {
     let real = real(file);
     let side = sidecar_path(dirs, &real);
     if let Ok(text) = fs::read_to_string(&side) {
         if let Ok(s) = serde_json::from_str::<Sidecar>(&text) {
-            if s.path == real && s.size == meta.len() && s.mtime_ns == mtime_ns(meta) {
+            let now = Sidecar::of(real.clone(), meta, s.sha256.clone());
+            if s == now {
                 return Ok(s.sha256);
             }
         }
@@ -308,7 +364,7 @@ pub(crate) fn sha256_cached(dirs: &CacheDirs, file: &Path, meta: &fs::Metadata) 
 pub(crate) fn remember(dirs: &CacheDirs, file: &Path, meta: &fs::Metadata, sha256: &str) {
     let real = real(file);
     let side = sidecar_path(dirs, &real);
-    let record = Sidecar { path: real, size: meta.len(), mtime_ns: mtime_ns(meta), sha256: sha256.into() };
+    let record = Sidecar::of(real, meta, sha256.into());
     let text = serde_json::to_vec(&record).expect("a sidecar serializes");
     if let Err(e) = write_atomic(&side, &text) {
         tracing::debug!(sidecar = %side.display(), error = %e, "could not record a file's sha256");

@@ -179,7 +179,17 @@ pub(crate) fn parse(text: &str, origin: &Path) -> Result<Vec<Entry>> {
         reason: e.to_string().rsplit_once(" at line ").map_or_else(|| e.to_string(), |(r, _)| r.to_string()),
     };
     let raw: BTreeMap<String, RawEntry> = serde_json::from_str(text).map_err(located)?;
-    raw.into_iter().map(|(key, e)| entry(key, e, origin)).collect()
+    raw.into_iter().map(|(key, e)| entry(key, e, origin).map_err(|e| in_catalogue(e, origin))).collect()
+}
+
+/// Names the catalogue file in an entry's error.
+fn in_catalogue(e: Error, origin: &Path) -> Error {
+    let at = |reason: String| format!("{reason} (in catalogue {})", origin.display());
+    match e {
+        Error::InvalidEntry { key, reason } => Error::InvalidEntry { key, reason: at(reason) },
+        Error::UnsafePath { key, path, reason } => Error::UnsafePath { key, path, reason: at(reason) },
+        other => other,
+    }
 }
 
 fn entry(key: String, raw: RawEntry, origin: &Path) -> Result<Entry> {

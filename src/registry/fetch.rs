@@ -32,6 +32,10 @@ pub enum FileState {
     Unhashed,
     /// Present, hash checked, but a pickle, and pickles are not allowed.
     Pickle,
+    /// Could not be checked: an unsafe path in the cache (a symlink out of
+    /// it, not a regular file), a permission error, a malformed archive...
+    /// ([`FileStatus::error`] says what).
+    Error,
 }
 
 /// One file of a model, as found on disk.
@@ -48,9 +52,25 @@ pub struct FileStatus {
     pub size: Option<u64>,
     /// The sha256 of what is there, when present.
     pub sha256: Option<String>,
+    /// Why the file could not be checked (state [`FileState::Error`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl Registry {
+    /// Looks at one file without the network; a file that cannot be
+    /// checked is a status in state [`FileState::Error`], not an error.
+    pub(crate) fn file_status(&self, entry: &Entry, file: &FileSpec) -> FileStatus {
+        self.check_file(entry, file).unwrap_or_else(|e| FileStatus {
+            path: file.path.clone(),
+            local: Place::of(&self.dirs, entry, file).local(),
+            state: FileState::Error,
+            size: None,
+            sha256: None,
+            error: Some(e.to_string()),
+        })
+    }
+
     /// Looks at one file without the network.
     pub(crate) fn check_file(&self, entry: &Entry, file: &FileSpec) -> Result<FileStatus> {
         let place = Place::of(&self.dirs, entry, file);
@@ -61,6 +81,7 @@ impl Registry {
             state: FileState::Missing,
             size: None,
             sha256: None,
+            error: None,
         };
         let Some(path) = local else { return Ok(status) };
         let Some(meta) = inspect(&entry.key, &place, &path)? else { return Ok(status) };
@@ -104,6 +125,10 @@ impl Registry {
                 Error::Pickle { key, path, what }
             }
             FileState::Unhashed => Error::Unhashed { key, file: file.path.clone() },
+            FileState::Error => Error::InvalidEntry {
+                key,
+                reason: format!("file `{}`: {}", file.path, status.error.as_deref().unwrap_or("unreadable")),
+            },
             FileState::Missing | FileState::Valid => {
                 Error::NotDownloaded { key, file: file.path.clone(), path: status.local.clone() }
             }
@@ -163,6 +188,7 @@ impl Registry {
         make_dirs(key, root, parent)?;
         let _lock = FileLock::acquire(
             &self.dirs.sire.join(".locks").join(entry.model_type.as_str()).join(format!("{rel}.lock")),
+            self.lock_timeout,
         )?;
         // Another process may have fetched it while this one waited.
         if let Some(path) = self.present(entry, file)? {
@@ -174,7 +200,9 @@ impl Registry {
             fs::remove_file(&target).map_err(|e| Error::Cache { path: target.clone(), source: e })?;
         }
         let partial = PathBuf::from(format!("{}.incomplete", target.display()));
-        let sha = self.transfer(entry, file, source, &partial, None)?;
+        let identity =
+            format!("{}\n{}", file.url.as_deref().unwrap_or(""), file.sha256.as_deref().unwrap_or("-"));
+        let sha = self.transfer(entry, file, source, &partial, &identity, None)?;
         self.install(&partial, &target, &sha)?;
         Ok(target)
     }
@@ -197,23 +225,29 @@ impl Registry {
             });
         }
         let url = resolve_url(&self.net.endpoint, repo, revision, path);
-        let hub = self.net.hub_head(key, &url)?;
+        let hub = self.net.hub_head(key, &url, revision)?;
         let folder = repo_dir.file_name().map(PathBuf::from).unwrap_or_default();
         make_dirs(key, &self.dirs.hf, &folder.join("blobs"))?;
         let pointer_dir = Path::new(&hub.commit).join(Path::new(path).parent().unwrap_or(Path::new("")));
         make_dirs(key, &repo_dir.join("snapshots"), &pointer_dir)?;
         if revision != hub.commit {
+            let reference = cache::ref_path(repo_dir, revision).ok_or_else(|| Error::UnsafePath {
+                key: key.clone(),
+                path: revision.to_string(),
+                reason: "the revision would leave the repository's refs/ folder".into(),
+            })?;
             let refs = Path::new("refs").join(Path::new(revision).parent().unwrap_or(Path::new("")));
             make_dirs(key, repo_dir, &refs)?;
-            let reference = repo_dir.join("refs").join(revision);
             let current = fs::read_to_string(&reference).unwrap_or_default();
             if current.trim() != hub.commit {
                 cache::write_atomic(&reference, hub.commit.as_bytes())
                     .map_err(|e| Error::Cache { path: reference.clone(), source: e })?;
             }
         }
-        let _lock =
-            FileLock::acquire(&self.dirs.hf.join(".locks").join(&folder).join(format!("{}.lock", hub.etag)))?;
+        let _lock = FileLock::acquire(
+            &self.dirs.hf.join(".locks").join(&folder).join(format!("{}.lock", hub.etag)),
+            self.lock_timeout,
+        )?;
         let pointer = repo_dir.join("snapshots").join(&hub.commit).join(path);
         if let Some(found) = self.present(entry, file)? {
             return Ok(found);
@@ -239,7 +273,8 @@ impl Registry {
             }
             let partial = PathBuf::from(format!("{}.incomplete", blob.display()));
             let source = Source::Http(hub.location.clone());
-            let sha = self.transfer(entry, file, &source, &partial, Some(path))?;
+            let identity = format!("hf:{repo}:{}\n{}", hub.etag, file.sha256.as_deref().unwrap_or("-"));
+            let sha = self.transfer(entry, file, &source, &partial, &identity, Some(path))?;
             self.install(&partial, &blob, &sha)?;
         }
         // The relative link the Python client makes: ../../blobs/<etag>, one
@@ -258,27 +293,63 @@ impl Registry {
     }
 
     /// Downloads (or copies) into the partial file and checks the sha256;
-    /// a mismatch removes the partial file.
+    /// a mismatch removes the partial file. A mismatch of a file that was
+    /// resumed is retried once from the start.
     fn transfer(
         &self,
         entry: &Entry,
         file: &FileSpec,
         source: &Source,
         partial: &Path,
+        identity: &str,
         label: Option<&str>,
     ) -> Result<String> {
+        let (sha, _, mismatch) = self.transfer_once(entry, file, source, partial, identity, label)?;
+        if !mismatch {
+            return Ok(sha);
+        }
+        tracing::warn!(key = %entry.key, file = %file.path, "sha256 mismatch after a resumed download; downloading again from the start");
+        match self.transfer_once(entry, file, source, partial, identity, label)? {
+            (sha, _, false) => Ok(sha),
+            (actual, size, true) => Err(Error::HashMismatch {
+                key: entry.key.clone(),
+                path: partial.to_path_buf(),
+                size,
+                expected: file.sha256.clone().unwrap_or_default(),
+                actual,
+                removed: true,
+            }),
+        }
+    }
+
+    /// One download (or copy) into the partial file, its sha256 checked:
+    /// the sha256, and whether a mismatch followed a resume (then the
+    /// partial file is gone and the sha256 is not the catalogue's).
+    fn transfer_once(
+        &self,
+        entry: &Entry,
+        file: &FileSpec,
+        source: &Source,
+        partial: &Path,
+        identity: &str,
+        label: Option<&str>,
+    ) -> Result<(String, u64, bool)> {
         let key = &entry.key;
         let label = format!("{key}: {}", label.unwrap_or(&file.path));
         let span = tracing::info_span!("download", key = %key, file = %file.path);
         let _enter = span.enter();
         let started = std::time::Instant::now();
-        let (sha, size) = match source {
-            Source::File(src) => copy_local(key, src, partial, self.net.max_size)?,
+        let (sha, size, resumed) = match source {
+            Source::File(src) => {
+                let (sha, size) = copy_local(key, src, partial, self.net.max_size)?;
+                (sha, size, false)
+            }
             Source::Http(url) => {
                 if url.to_ascii_lowercase().starts_with("http://") {
                     tracing::warn!(key = %key, url = %url, "downloading over plain http (no transport security; the sha256 check still applies)");
                 }
-                self.net.transfer(key, url, partial, &label)?
+                let t = self.net.transfer(key, url, partial, identity, &label)?;
+                (t.sha256, t.size, t.resumed)
             }
             Source::Hf { .. } => unreachable!("hub files are resolved to an http location first"),
         };
@@ -286,6 +357,10 @@ impl Registry {
         if let Some(expected) = &file.sha256 {
             if *expected != sha {
                 let _ = fs::remove_file(partial);
+                let _ = fs::remove_file(super::http::partial_sidecar(partial));
+                if resumed {
+                    return Ok((sha, size, true));
+                }
                 return Err(Error::HashMismatch {
                     key: key.clone(),
                     path: partial.to_path_buf(),
@@ -296,7 +371,7 @@ impl Registry {
                 });
             }
         }
-        Ok(sha)
+        Ok((sha, size, false))
     }
 
     /// Renames a checked partial file into place, syncs the folder, and

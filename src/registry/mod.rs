@@ -65,6 +65,7 @@ pub struct Registry {
     allow_unhashed: bool,
     allow_pickle: bool,
     offline: bool,
+    lock_timeout: Duration,
     pools: Option<ResourcePoolManagement>,
     loaded: parking_lot::Mutex<BTreeMap<String, (Kept, PathBuf)>>,
 }
@@ -103,6 +104,9 @@ pub struct Override {
 /// | pickle weight files | [`allow_pickle`](Self::allow_pickle) | | refused |
 /// | size limit per file | [`max_download_size`](Self::max_download_size) | | 256 GiB |
 /// | retries, first backoff | [`retries`](Self::retries), [`backoff`](Self::backoff) | | 5, 500 ms (doubling) |
+/// | connect and read timeout | [`timeout`](Self::timeout) | | 30 s |
+/// | whole download of one file | [`download_deadline`](Self::download_deadline) | | none |
+/// | wait for another process's lock | [`lock_timeout`](Self::lock_timeout) | | 10 min |
 #[must_use]
 #[derive(Debug, Clone)]
 pub struct RegistryBuilder {
@@ -119,6 +123,8 @@ pub struct RegistryBuilder {
     retries: u32,
     backoff: Duration,
     timeout: Duration,
+    deadline: Option<Duration>,
+    lock_timeout: Duration,
     progress: bool,
     pools: Option<ResourcePoolManagement>,
 }
@@ -139,6 +145,8 @@ impl Default for RegistryBuilder {
             retries: 5,
             backoff: Duration::from_millis(500),
             timeout: Duration::from_secs(30),
+            deadline: None,
+            lock_timeout: Duration::from_secs(600),
             progress: true,
             pools: None,
         }
@@ -229,6 +237,22 @@ impl RegistryBuilder {
         self
     }
 
+    /// The longest one file's download may take, retries included
+    /// ([`Error::Download`] after it); none by default (the read timeout
+    /// still ends a stalled connection).
+    pub fn download_deadline(mut self, deadline: Option<Duration>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// How long to wait for another process's lock on a file being
+    /// downloaded or removed ([`Error::LockTimeout`] after it); 10 minutes
+    /// by default.
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = timeout;
+        self
+    }
+
     /// Shows a progress bar on standard error while downloading (on by
     /// default; never drawn when standard error is not a terminal).
     pub fn progress(mut self, on: bool) -> Self {
@@ -260,8 +284,9 @@ impl RegistryBuilder {
             env("HF_HUB_OFFLINE")
                 .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
         });
-        let net =
+        let mut net =
             Net::new(endpoint, token, self.retries, self.backoff, self.max_size, self.timeout, self.progress);
+        net.deadline = self.deadline;
         let mut registry = Registry {
             entries: BTreeMap::new(),
             overrides: Vec::new(),
@@ -270,6 +295,7 @@ impl RegistryBuilder {
             allow_unhashed: self.allow_unhashed,
             allow_pickle: self.allow_pickle,
             offline,
+            lock_timeout: self.lock_timeout,
             pools: self.pools,
             loaded: parking_lot::Mutex::new(BTreeMap::new()),
         };
@@ -520,7 +546,9 @@ impl Registry {
     }
 
     /// The models that pass `filter`, by key, with the state of their files
-    /// (no network; hashing a file only when its sidecar is stale).
+    /// (no network; hashing a file only when its sidecar is stale). A file
+    /// that cannot be checked is in state [`FileState::Error`]: it makes its
+    /// model unavailable, not the listing fail.
     pub fn list(&self, filter: &Filter) -> Result<Vec<Listing>> {
         let mut out = Vec::new();
         for e in self.entries.values().filter(|e| filter.matches(e)) {
@@ -534,13 +562,14 @@ impl Registry {
         Ok(out)
     }
 
-    /// Checks the model's files on disk against the catalogue (no network).
+    /// Checks the model's files on disk against the catalogue (no network);
+    /// a file that cannot be checked is in state [`FileState::Error`].
     pub fn validate(&self, key: &str) -> Result<Validation> {
         self.validate_entry(self.entry(key)?)
     }
 
     fn validate_entry(&self, e: &Entry) -> Result<Validation> {
-        let files = e.files.iter().map(|f| self.check_file(e, f)).collect::<Result<Vec<_>>>()?;
+        let files: Vec<FileStatus> = e.files.iter().map(|f| self.file_status(e, f)).collect();
         let available = !files.is_empty() && files.iter().all(|f| self.usable(f.state));
         Ok(Validation { key: e.key.clone(), available, files })
     }
@@ -582,6 +611,9 @@ impl Registry {
 
     /// Deletes the model's files from the caches and returns the bytes
     /// freed. A hub blob is deleted only when no other snapshot links to it.
+    /// Each file is reached as a download reaches it (no symlink but the
+    /// snapshot link, which must point into the repository's `blobs/`:
+    /// [`Error::UnsafePath`] otherwise) and deleted under its download lock.
     pub fn remove(&self, key: &str) -> Result<u64> {
         let e = self.entry(key)?;
         let mut freed = 0;
@@ -590,18 +622,48 @@ impl Registry {
             let Some(path) = place.local() else { continue };
             let cache_err = |p: &Path, source| Error::Cache { path: p.into(), source };
             match &place {
-                Place::Sire { .. } => {
-                    cache::forget(&self.dirs, &path);
-                    if cache::inspect(key, &place, &path)?.is_some() {
-                        freed += fs::metadata(&path).map_or(0, |m| m.len());
+                Place::Sire { rel, .. } => {
+                    let _lock = cache::FileLock::acquire(
+                        &self
+                            .dirs
+                            .sire
+                            .join(".locks")
+                            .join(e.model_type.as_str())
+                            .join(format!("{rel}.lock")),
+                        self.lock_timeout,
+                    )?;
+                    if let Some(meta) = cache::inspect(key, &place, &path)? {
+                        cache::forget(&self.dirs, &path);
                         fs::remove_file(&path).map_err(|e| cache_err(&path, e))?;
+                        freed += meta.len();
                     }
-                    let _ = fs::remove_file(format!("{}.incomplete", path.display()));
+                    let partial = PathBuf::from(format!("{}.incomplete", path.display()));
+                    if fs::symlink_metadata(&partial).is_ok_and(|m| m.is_file()) {
+                        let _ = fs::remove_file(&partial);
+                    }
+                    let _ = fs::remove_file(http::partial_sidecar(&partial));
                 }
                 Place::Hf { repo_dir, .. } => {
-                    let Ok(link) = fs::read_link(&path) else { continue };
-                    fs::remove_file(&path).map_err(|e| cache_err(&path, e))?;
+                    // Checks every folder on the way and where the link points.
+                    let Some(meta) = cache::inspect(key, &place, &path)? else { continue };
+                    let link = match fs::read_link(&path) {
+                        Ok(l) => l,
+                        Err(_) => {
+                            // A regular file in the snapshot (checked by inspect).
+                            fs::remove_file(&path).map_err(|e| cache_err(&path, e))?;
+                            freed += meta.len();
+                            continue;
+                        }
+                    };
                     let Some(blob_name) = link.file_name() else { continue };
+                    let folder = repo_dir.file_name().map(PathBuf::from).unwrap_or_default();
+                    let mut lock_name = blob_name.to_os_string();
+                    lock_name.push(".lock");
+                    let _lock = cache::FileLock::acquire(
+                        &self.dirs.hf.join(".locks").join(&folder).join(lock_name),
+                        self.lock_timeout,
+                    )?;
+                    fs::remove_file(&path).map_err(|e| cache_err(&path, e))?;
                     let blob = repo_dir.join("blobs").join(blob_name);
                     if !links_to(&repo_dir.join("snapshots"), blob_name) {
                         cache::forget(&self.dirs, &blob);

@@ -31,6 +31,7 @@ impl Source {
                 if host.is_empty() {
                     return Err("no host".into());
                 }
+                origin(url)?;
                 Ok(Source::Http(url.to_string()))
             }
             "file" => {
@@ -54,9 +55,11 @@ impl Source {
                         if !ok(o) || !ok(n) || o.starts_with('.') || n.starts_with('.') {
                             return Err(format!("repository `{o}/{n}` is not a valid repository id"));
                         }
-                        if revision.contains("..") || revision.chars().any(|c| c.is_control() || c == '\\') {
-                            return Err(format!("revision `{revision}` is not valid"));
-                        }
+                        check_revision(&revision)?;
+                        // A commit is named by its lowercase sha, as the hub
+                        // and its cache name it.
+                        let revision =
+                            if is_commit_like(&revision) { revision.to_ascii_lowercase() } else { revision };
                         Ok(Source::Hf { repo: format!("{o}/{n}"), path: p.to_string(), revision })
                     }
                     _ => Err("expected hf://org/repo/path[@revision]".into()),
@@ -108,30 +111,98 @@ fn percent_decode(s: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| "the path is not UTF-8".into())
 }
 
-/// `host:port` of an http(s) URL, lowercased (for deciding whether a
-/// redirect stays on the same host).
-pub(crate) fn host_of(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    authority.to_ascii_lowercase()
+/// A 40-hex-digit string (a commit sha in either case).
+fn is_commit_like(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Joins a redirect's `Location` onto the URL that answered it.
-pub(crate) fn join_location(base: &str, location: &str) -> String {
-    if location.contains("://") {
-        return location.to_string();
+/// Refuses a revision that is not a valid git ref name (`git
+/// check-ref-format` rules, one-level names allowed) or a commit: it becomes
+/// a path under the repository's `refs/` in the hub cache.
+pub(crate) fn check_revision(revision: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        Err(format!("revision `{}` is not a valid git ref name ({why})", revision.escape_debug()))
+    };
+    if revision.is_empty() {
+        return bad("empty");
     }
-    let (scheme, rest) = base.split_once("://").unwrap_or(("http", base));
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    if location.starts_with('/') {
-        format!("{scheme}://{authority}{location}")
-    } else {
-        let path = &rest[authority.len()..];
-        let path = path.split(['?', '#']).next().unwrap_or("");
-        let dir = path.rsplit_once('/').map_or("", |(d, _)| d);
-        format!("{scheme}://{authority}{dir}/{location}")
+    if revision.len() > 255 {
+        return bad("too long");
     }
+    if revision.starts_with('/') || revision.ends_with('/') {
+        return bad("a leading or trailing `/`");
+    }
+    if revision.starts_with('-') {
+        return bad("a leading `-`");
+    }
+    if revision == "@" || revision.contains("@{") {
+        return bad("`@` alone or `@{`");
+    }
+    if revision.contains("..") || revision.contains("//") {
+        return bad("`..` or `//`");
+    }
+    if revision.ends_with('.') {
+        return bad("a trailing `.`");
+    }
+    if revision.chars().any(|c| c.is_control() || c.is_whitespace() || "\\~^:?*[".contains(c)) {
+        return bad("a control character, a space or one of `\\ ~ ^ : ? * [`");
+    }
+    for component in revision.split('/') {
+        if component.starts_with('.') || component.ends_with(".lock") {
+            return bad("a component starting with `.` or ending with `.lock`");
+        }
+    }
+    Ok(())
+}
+
+/// What decides where a request goes: scheme, host and port (the scheme's
+/// default when not written), as the HTTP client parses the URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Origin {
+    pub(crate) scheme: String,
+    pub(crate) host: String,
+    pub(crate) port: Option<u16>,
+}
+
+fn parser() -> &'static ureq::Agent {
+    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+    AGENT.get_or_init(|| ureq::AgentBuilder::new().build())
+}
+
+/// Parses an http(s) URL the way the HTTP client (`ureq`, with the `url`
+/// crate) does, refusing what different parsers read differently: a
+/// backslash, userinfo (`user@`), a scheme other than http(s), no host.
+pub(crate) fn origin(url: &str) -> Result<Origin, String> {
+    if url.contains('\\') {
+        return Err("a backslash in a URL is refused".into());
+    }
+    let parsed = parser().get(url).request_url().map_err(|e| format!("not a valid URL: {e}"))?;
+    let u = parsed.as_url();
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err("a URL with a user name or password (`user@host`) is refused".into());
+    }
+    let scheme = u.scheme().to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
+        return Err(format!("scheme `{scheme}` is not http or https"));
+    }
+    let host = u.host_str().filter(|h| !h.is_empty()).ok_or("no host")?.to_ascii_lowercase();
+    Ok(Origin { scheme, host, port: u.port_or_known_default() })
+}
+
+/// Joins a redirect's `Location` onto the URL that answered it, and checks
+/// the result as [`origin`] does.
+pub(crate) fn join_location(base: &str, location: &str) -> Result<String, String> {
+    if location.contains('\\') {
+        return Err(format!("redirect to {location:?}: a backslash in a URL is refused"));
+    }
+    let parsed = parser().get(base).request_url().map_err(|e| format!("not a valid URL: {e}"))?;
+    let joined = parsed
+        .as_url()
+        .join(location)
+        .map_err(|e| format!("redirect to {location:?}: not a valid URL: {e}"))?
+        .to_string();
+    origin(&joined).map_err(|e| format!("redirect to {location:?}: {e}"))?;
+    Ok(joined)
 }
 
 #[cfg(test)]
@@ -161,9 +232,56 @@ mod tests {
             resolve_url("http://h:1/", "o/r", "refs/pr/1", "a b/c.pt"),
             "http://h:1/o/r/resolve/refs%2Fpr%2F1/a%20b/c.pt"
         );
-        assert_eq!(host_of("https://User@Hub.org:443/x"), "hub.org:443");
-        assert_eq!(join_location("http://h:1/a/b?q", "/c"), "http://h:1/c");
-        assert_eq!(join_location("http://h:1/a/b", "c"), "http://h:1/a/c");
-        assert_eq!(join_location("http://h:1/a/b", "https://cdn/x"), "https://cdn/x");
+        assert_eq!(join_location("http://h:1/a/b?q", "/c").unwrap(), "http://h:1/c");
+        assert_eq!(join_location("http://h:1/a/b", "c").unwrap(), "http://h:1/a/c");
+        assert_eq!(join_location("http://h:1/a/b", "https://cdn/x").unwrap(), "https://cdn/x");
+        assert!(join_location("http://h:1/a", "https://evil.com\\@h:1/x").is_err());
+        assert!(join_location("http://h:1/a", "https://user@h:1/x").is_err());
+        assert!(join_location("http://h:1/a", "ftp://h/x").is_err());
+        let o = origin("https://Hub.org/x").unwrap();
+        assert_eq!((o.scheme.as_str(), o.host.as_str(), o.port), ("https", "hub.org", Some(443)));
+        assert_eq!(origin("http://hub.org/x").unwrap().port, Some(80));
+        for bad in ["https://evil.com\\@huggingface.co/x", "https://u:p@huggingface.co/x", "https://u@h/x"] {
+            assert!(origin(bad).is_err(), "{bad} accepted");
+            assert!(Source::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn revisions_follow_git_ref_rules() {
+        for good in ["main", "v1.0", "refs/pr/1", "release/2024-01", "a.b"] {
+            check_revision(good).unwrap();
+        }
+        for bad in [
+            "/home/victim/.bashrc",
+            "a/../b",
+            "..",
+            "a//b",
+            "a\\b",
+            "a\nb",
+            "x.lock",
+            "a/b.lock",
+            "a/",
+            "a.",
+            "-x",
+            "@",
+            "a b",
+            "a~1",
+            "a^",
+            "a:b",
+            "a?",
+            "a*",
+            "a[",
+            ".hidden",
+            "a/.b",
+        ] {
+            assert!(check_revision(bad).is_err(), "{bad:?} accepted");
+            assert!(Source::parse(&format!("hf://o/r/w.pt@{bad}")).is_err(), "{bad:?} accepted");
+        }
+        assert!(check_revision("a@{1}").is_err());
+        assert_eq!(
+            Source::parse(&format!("hf://o/r/w.pt@{}", "ABCDEF0123".repeat(4))).unwrap(),
+            Source::Hf { repo: "o/r".into(), path: "w.pt".into(), revision: "abcdef0123".repeat(4) }
+        );
     }
 }

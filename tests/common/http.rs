@@ -35,6 +35,9 @@ pub enum Fault {
     Slow { chunk: usize, delay: Duration },
     /// Answers `302 Found` to this location (with the route's headers).
     Redirect(String),
+    /// Answers every GET with `206 Partial Content` and the first `bytes`
+    /// of the body, asked for a range or not.
+    Unasked206(usize),
 }
 
 /// One served path.
@@ -52,6 +55,7 @@ pub struct Seen {
     pub method: String,
     pub path: String,
     pub range: Option<String>,
+    pub if_range: Option<String>,
     pub authorization: Option<String>,
 }
 
@@ -104,7 +108,10 @@ impl Server {
         self.add_with_headers(path, body, fault, Vec::new());
     }
 
-    fn add_with_headers(&self, path: &str, body: Vec<u8>, fault: Fault, headers: Vec<(String, String)>) {
+    /// Serves `body` at `path` with extra response headers. A route with an
+    /// `ETag` honours `If-Range`: a request whose `If-Range` differs gets the
+    /// whole body (200).
+    pub fn add_with_headers(&self, path: &str, body: Vec<u8>, fault: Fault, headers: Vec<(String, String)>) {
         let route = Route { body: Arc::new(body), fault, headers, served: 0 };
         self.state.routes.lock().unwrap().insert(path.to_string(), route);
     }
@@ -223,11 +230,13 @@ fn handle(mut stream: TcpStream, state: &State) {
                 .map(|(_, v)| v.trim().to_string())
         })
     };
-    let range = header("Range");
+    let mut range = header("Range");
+    let if_range = header("If-Range");
     state.seen.lock().unwrap().push(Seen {
         method: method.clone(),
         path: path.clone(),
         range: range.clone(),
+        if_range: if_range.clone(),
         authorization: header("Authorization"),
     });
 
@@ -265,6 +274,26 @@ fn handle(mut stream: TcpStream, state: &State) {
     }
     let body = &route.body[..];
     let total = body.len();
+    if let Fault::Unasked206(n) = route.fault {
+        let n = n.min(total);
+        let _ = write!(
+            stream,
+            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-{}/{total}\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n",
+            n.saturating_sub(1)
+        );
+        if !head {
+            let _ = stream.write_all(&body[..n]);
+        }
+        let _ = stream.flush();
+        let _ = stream.shutdown(Shutdown::Both);
+        return;
+    }
+    let etag = route.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("ETag")).map(|(_, v)| v.clone());
+    if let (Some(v), Some(e)) = (&if_range, &etag) {
+        if v != e {
+            range = None;
+        }
+    }
     let start = range
         .as_deref()
         .and_then(|r| r.strip_prefix("bytes="))
