@@ -277,3 +277,38 @@ fn bad_splits_are_refused() {
     assert_eq!(m.part_names(), ["part0", "l1.b"]);
     assert_eq!((m.part_of("l1.w"), m.part_of("l1.b")), (Some(0), Some(1)));
 }
+
+#[test]
+fn parted_and_streams_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Parted>();
+    send::<sire::Stream<'static>>();
+}
+
+/// Two threads streaming one model at once, in opposite orders, under a
+/// budget of three parts: both get the right outputs and the accounting holds.
+#[test]
+fn concurrent_passes_share_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let ts = layers(6, 8);
+    let path = write(dir.path(), &ts);
+    let (pools, _d) = pools(3 * PART);
+    let m = pools
+        .manage_parts(TensorSet::from_safetensors(&path).unwrap(), Split::TopLevel, ManageOptions::new())
+        .unwrap();
+    let forward: Vec<usize> = (0..6).collect();
+    let backward: Vec<usize> = (0..6).rev().collect();
+    std::thread::scope(|s| {
+        for order in [&forward, &backward] {
+            let (m, want) = (&m, plain(&ts, order));
+            s.spawn(move || {
+                for _ in 0..3 {
+                    assert_close(&pass(m, order), &want, &format!("{order:?}"));
+                }
+            });
+        }
+    });
+    assert!(m.parts().iter().all(|p| p.use_count() == 0));
+    check_invariants(&pools.stats());
+}
