@@ -15,9 +15,10 @@ use std::collections::HashMap;
 
 use parking_lot::Mutex;
 
+use crate::error::panic_message;
 use crate::{
-    auto_manage_owned, prefetch, Error, ManageOptions, Managed, OwnedGuard, Prefetch, ResourcePoolManagement,
-    Result, TensorSet,
+    auto_manage_owned, prefetch, Error, Location, ManageOptions, Managed, OwnedGuard, Prefetch,
+    ResourcePoolManagement, ResourceUser, Result, TensorSet,
 };
 
 /// How [`ResourcePoolManagement::manage_parts`] cuts a model into parts.
@@ -340,7 +341,7 @@ fn is_resident(m: &Managed<TensorSet>) -> bool {
 pub struct Stream<'a> {
     parted: &'a Parted,
     current: Option<(usize, OwnedGuard<TensorSet>)>,
-    next: Option<(usize, Prefetch<TensorSet>)>,
+    next: Option<(usize, Pending)>,
     /// The order expected (from earlier passes).
     expected: Vec<usize>,
     /// Where this pass is in `expected`.
@@ -462,8 +463,10 @@ impl Stream<'_> {
         if beside.saturating_add(charge(nxt)) > budget {
             return;
         }
-        self.loaded.push(next);
-        self.next = Some((next, prefetch(nxt)));
+        if let Some(pending) = Pending::start(nxt) {
+            self.loaded.push(next);
+            self.next = Some((next, pending));
+        }
     }
 
     /// Releases the current part, after stamping its recency.
@@ -484,6 +487,51 @@ impl Stream<'_> {
             self.parted.parts[c].set_last_used(self.base + self.window - 1 - k);
             self.released += 1;
             drop(guard);
+        }
+    }
+}
+
+/// A prefetch under way.
+enum Pending {
+    /// A part that runs on a CUDA device: [`prefetch`], whose copies run on a
+    /// side stream.
+    Device(Prefetch<TensorSet>),
+    /// A part that runs on the CPU: loaded on a thread of its own, which then
+    /// reads its pages in (weights mapped from their file are read from disk
+    /// there, not by the compute that first touches them).
+    Host(std::thread::JoinHandle<Result<OwnedGuard<TensorSet>>>, String),
+}
+
+impl Pending {
+    /// Starts prefetching `m`; `None` if no thread could be started.
+    fn start(m: &Managed<TensorSet>) -> Option<Pending> {
+        if m.runtime() != Location::Cpu {
+            return Some(Pending::Device(prefetch(m)));
+        }
+        let (m, name) = (m.clone(), m.name().to_string());
+        std::thread::Builder::new()
+            .name(format!("sire-prefetch-{name}"))
+            .spawn(move || {
+                let g = auto_manage_owned(&m)?;
+                for (_, t) in g.tensors() {
+                    if t.defined() && t.numel() > 0 {
+                        let bytes = t.numel() * t.kind().elt_size_in_bytes();
+                        let _ = crate::tier::ffi::read_ahead(t.data_ptr() as *const u8, bytes);
+                    }
+                }
+                Ok(g)
+            })
+            .ok()
+            .map(|h| Pending::Host(h, name))
+    }
+
+    /// Waits for the prefetch and returns its guard.
+    fn wait(self) -> Result<OwnedGuard<TensorSet>> {
+        match self {
+            Pending::Device(p) => p.wait(),
+            Pending::Host(h, model) => {
+                h.join().unwrap_or_else(|p| Err(Error::MovePanicked { model, message: panic_message(&*p) }))
+            }
         }
     }
 }
