@@ -337,6 +337,26 @@ fn is_resident(m: &Managed<TensorSet>) -> bool {
 /// needs soonest longest. A model slightly larger than the budget then
 /// reloads only about the shortfall each pass. Relative to other models, the
 /// parts count as used when the pass started.
+///
+/// ```
+/// # fn main() -> sire::Result<()> {
+/// use sire::{ManageOptions, Split, TensorSet};
+/// use tch::{kind::FLOAT_CPU, Tensor};
+/// # let dir = tempfile::tempdir()?;
+/// # let pools = sire::ResourcePoolManagement::builder().cuda(false).env(false)
+/// #     .cpu_budget(1 << 20).spill_dir(dir.path()).build()?;
+/// let set = TensorSet::new((0..4).map(|i| (format!("b{i}.w"), Tensor::full([1024], i as f64, FLOAT_CPU))))?;
+/// let model = pools.manage_parts(set, Split::TopLevel, ManageOptions::new())?;
+/// let mut sums = Vec::new();
+/// let mut pass = model.stream();
+/// for i in [3, 1, 2, 0] {
+///     sums.push(pass.part(i)?.get(&format!("b{i}.w")).unwrap().sum(tch::Kind::Float).double_value(&[]));
+/// }
+/// drop(pass);
+/// assert_eq!(sums, [3072.0, 1024.0, 2048.0, 0.0]);
+/// assert_eq!(model.order(), [3, 1, 2, 0]); // the next pass prefetches in this order
+/// # Ok(()) }
+/// ```
 #[must_use = "a stream holds its current part until dropped"]
 pub struct Stream<'a> {
     parted: &'a Parted,
@@ -373,7 +393,9 @@ impl Stream<'_> {
     /// `device()` while the stream holds it): waits for its prefetch if one is
     /// under way, else loads it, like [`auto_manage`](crate::auto_manage).
     /// The part taken before is released first; the part expected next is
-    /// then prefetched. Taking the current part again returns it.
+    /// then prefetched. Taking the current part again returns it. Tensors
+    /// taken from the guard follow the part's weights: use them before the
+    /// next call, after which the part may be evicted.
     ///
     /// Errors as [`auto_manage`](crate::auto_manage) for the part (a part
     /// larger than the whole budget is [`Error::TooLarge`]); an index out of
@@ -548,5 +570,48 @@ impl Drop for Stream<'_> {
         if !self.seen.is_empty() && !self.expected.starts_with(&self.seen) && !std::thread::panicking() {
             *self.parted.order.lock() = std::mem::take(&mut self.seen);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizes(v: &[(&str, u64)]) -> Vec<(String, u64)> {
+        v.iter().map(|(n, b)| (n.to_string(), *b)).collect()
+    }
+
+    fn groups(v: &[&[&str]]) -> Vec<Vec<String>> {
+        v.iter().map(|g| g.iter().map(|n| n.to_string()).collect()).collect()
+    }
+
+    #[test]
+    fn bytes_cut_consecutive_tensors_at_the_target() {
+        let s = sizes(&[("a", 40), ("b", 60), ("c", 1), ("d", 250), ("e", 30)]);
+        let (names, g) = cut("m", &s, &Split::Bytes(100)).unwrap();
+        // a+b = 100 fits; c would pass it; d alone passes it (a part of its own).
+        assert_eq!(g, groups(&[&["a", "b"], &["c"], &["d"], &["e"]]));
+        assert_eq!(names, ["part0", "part1", "part2", "part3"]);
+        let (_, g) = cut("m", &s, &Split::Bytes(u64::MAX)).unwrap();
+        assert_eq!(g.len(), 1);
+    }
+
+    #[test]
+    fn top_level_groups_by_first_component_in_order_of_appearance() {
+        let s = sizes(&[("enc.0.w", 1), ("dec.w", 1), ("enc.1.w", 1), ("head", 1)]);
+        let (names, g) = cut("m", &s, &Split::TopLevel).unwrap();
+        assert_eq!(names, ["enc", "dec", "head"]);
+        assert_eq!(g, groups(&[&["enc.0.w", "enc.1.w"], &["dec.w"], &["head"]]));
+    }
+
+    #[test]
+    fn prefixes_take_the_longest_match_and_name_parts() {
+        let s = sizes(&[("layers.1.w", 1), ("layers.10.w", 1), ("embed", 1)]);
+        let split = Split::Prefixes(vec!["layers.1.".into(), "layers.".into(), "".into()]);
+        let (names, g) = cut("m", &s, &split).unwrap();
+        assert_eq!(names, ["layers.1", "layers", "part2"]);
+        assert_eq!(g, groups(&[&["layers.1.w"], &["layers.10.w"], &["embed"]]));
+        let e = cut("m", &[], &Split::TopLevel).unwrap_err();
+        assert!(e.to_string().contains("at least one tensor"), "{e}");
     }
 }
