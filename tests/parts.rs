@@ -319,3 +319,22 @@ fn concurrent_passes_share_the_budget() {
     assert!(m.parts().iter().all(|p| p.use_count() == 0));
     check_invariants(&pools.stats());
 }
+
+/// A budget that holds one part but not two: no prefetch (it would wait for
+/// the current part), each part loads when taken, and the outputs are right.
+#[test]
+fn a_budget_of_one_part_streams_without_prefetching() {
+    let dir = tempfile::tempdir().unwrap();
+    let ts = layers(4, 9);
+    let path = write(dir.path(), &ts);
+    let (pools, _d) = pools(PART * 3 / 2);
+    let m = pools
+        .manage_parts(TensorSet::from_safetensors(&path).unwrap(), Split::TopLevel, ManageOptions::new())
+        .unwrap();
+    let forward: Vec<usize> = (0..4).collect();
+    for round in 0..2 {
+        assert_close(&pass(&m, &forward), &plain(&ts, &forward), &format!("pass {round}"));
+        assert_eq!(m.resident().len(), 1);
+    }
+    assert_eq!(pools.stats().bytes_from_disk, 8 * PART, "every part read on every pass");
+}
