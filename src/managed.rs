@@ -660,6 +660,13 @@ impl<T> Managed<T> {
         self.shared.commits.is_active_after_acquire()
     }
 
+    /// Sets the model's recency stamp (see `Engine::reserve_stamps`):
+    /// among idle models, the smallest stamp is evicted first. A hint only:
+    /// the next use stamps it again.
+    pub(crate) fn set_last_used(&self, stamp: u64) {
+        self.shared.core.last_used.store(stamp, Relaxed);
+    }
+
     /// [`auto_manage_owned`] with a timeout.
     pub(crate) fn owned_timeout(&self, timeout: Duration) -> Result<OwnedGuard<T>> {
         self.owned_cancellable(timeout, None)

@@ -225,6 +225,117 @@ impl TensorSet {
         self.tensors.is_empty()
     }
 
+    /// Splits the set into parts, one per group of names (for
+    /// [`ResourcePoolManagement::manage_parts`](crate::ResourcePoolManagement::manage_parts)),
+    /// keeping what each tensor is: a set opened from a file and not read yet
+    /// gives sets of placeholders over the same file (nothing is read), a set
+    /// in memory gives sets of handles on its own tensors (nothing is
+    /// copied). Every name must be in exactly one group and every group must
+    /// be non-empty ([`Error::InvalidOptions`] naming the offenders
+    /// otherwise); tensors in memory that share storage must be in one part.
+    pub(crate) fn split(self, model: &str, groups: Vec<Vec<String>>) -> Result<Vec<TensorSet>> {
+        let invalid = |reason: String| Error::InvalidOptions { model: model.into(), reason };
+        let quote = |names: &[&str]| names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+        let mut owner: Vec<Option<usize>> = vec![None; self.tensors.len()];
+        let (mut unknown, mut twice) = (Vec::new(), Vec::new());
+        for (p, group) in groups.iter().enumerate() {
+            if group.is_empty() {
+                return Err(invalid(format!("part {p} has no tensor")));
+            }
+            for name in group {
+                match self.index.get(name) {
+                    None => unknown.push(name.as_str()),
+                    Some(&i) if owner[i].is_some() => twice.push(name.as_str()),
+                    Some(&i) => owner[i] = Some(p),
+                }
+            }
+        }
+        if !unknown.is_empty() {
+            return Err(invalid(format!("no tensor named {}", quote(&unknown))));
+        }
+        if !twice.is_empty() {
+            return Err(invalid(format!("tensors in more than one part: {}", quote(&twice))));
+        }
+        let missing: Vec<&str> = self
+            .tensors
+            .iter()
+            .zip(&owner)
+            .filter(|(_, o)| o.is_none())
+            .map(|((n, _), _)| n.as_str())
+            .collect();
+        if !missing.is_empty() {
+            return Err(invalid(format!("tensors in no part: {}", quote(&missing))));
+        }
+        let lazy = std::mem::replace(&mut *self.lazy.lock(), Lazy::Loaded);
+        let mut shapes = match lazy {
+            Lazy::Pending(shapes) => Some(shapes.into_iter().map(Some).collect::<Vec<_>>()),
+            Lazy::Loaded => None,
+            Lazy::Managed => return Err(invalid("the set is managed already".into())),
+        };
+        if shapes.is_none() {
+            // Parts move independently: memory shared across two parts would
+            // be moved (and counted) twice and stop being shared.
+            let mut bases: HashMap<usize, (usize, &str)> = HashMap::new();
+            for ((name, t), o) in self.tensors.iter().zip(&owner) {
+                if !t.defined() || t.numel() == 0 {
+                    continue;
+                }
+                let part = o.expect("checked");
+                match bases.insert(storage_base(t), (part, name)) {
+                    Some((other, first)) if other != part => {
+                        return Err(invalid(format!(
+                            "tensors `{first}` (part {other}) and `{name}` (part {part}) share memory; \
+                             put them in one part"
+                        )))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut parts: Vec<Vec<(String, Tensor)>> =
+            groups.iter().map(|g| Vec::with_capacity(g.len())).collect();
+        let mut part_shapes: Vec<Vec<Vec<i64>>> = vec![Vec::new(); groups.len()];
+        for (i, ((name, t), o)) in self.tensors.into_iter().zip(owner).enumerate() {
+            let p = o.expect("checked");
+            if let Some(shapes) = shapes.as_mut() {
+                part_shapes[p].push(shapes[i].take().expect("one shape per tensor"));
+            }
+            parts[p].push((name, t));
+        }
+        parts
+            .into_iter()
+            .zip(part_shapes)
+            .map(|(tensors, shapes_of_part)| {
+                let mut set = TensorSet::new(tensors)?;
+                set.source = self.source.clone();
+                if shapes.is_some() {
+                    set.lazy = parking_lot::Mutex::new(Lazy::Pending(shapes_of_part));
+                }
+                Ok(set)
+            })
+            .collect()
+    }
+
+    /// Each tensor's name and bytes, in order (declared bytes for a set not
+    /// read yet), without reading anything.
+    pub(crate) fn sizes(&self) -> Vec<(String, u64)> {
+        let lazy = self.lazy.lock();
+        self.tensors
+            .iter()
+            .enumerate()
+            .map(|(i, (n, t))| {
+                let bytes = match &*lazy {
+                    Lazy::Pending(shapes) => {
+                        shapes[i].iter().product::<i64>() as u64 * t.kind().elt_size_in_bytes() as u64
+                    }
+                    _ if t.defined() => (t.numel() * t.kind().elt_size_in_bytes()) as u64,
+                    _ => 0,
+                };
+                (n.clone(), bytes)
+            })
+            .collect()
+    }
+
     /// For the engine: when the set was opened from a file and not read yet,
     /// marks it managed (it will not read itself any more) and returns each
     /// tensor's name, handle, kind and shape as declared by the file.
@@ -596,6 +707,58 @@ pub(crate) fn declared_inventory(user: &dyn std::any::Any) -> Option<Inventory> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn names(groups: &[&[&str]]) -> Vec<Vec<String>> {
+        groups.iter().map(|g| g.iter().map(|n| n.to_string()).collect()).collect()
+    }
+
+    #[test]
+    fn split_keeps_a_pending_set_pending_over_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let ts: Vec<(String, Tensor)> = (0..3)
+            .map(|i| (format!("t{i}"), Tensor::full([4 + i], i as f64, tch::kind::FLOAT_CPU)))
+            .collect();
+        Tensor::write_safetensors(&ts, &path).unwrap();
+        let set = TensorSet::from_safetensors(&path).unwrap();
+        assert_eq!(set.sizes(), [("t0".to_string(), 16), ("t1".to_string(), 20), ("t2".to_string(), 24)]);
+        let parts = set.split("m", names(&[&["t2", "t0"], &["t1"]])).unwrap();
+        assert_eq!(parts[0].names().collect::<Vec<_>>(), ["t0", "t2"], "file order within a part");
+        for p in &parts {
+            assert!(matches!(*p.lazy.lock(), Lazy::Pending(_)), "nothing read");
+            assert_eq!(p.source.as_ref().unwrap().path(), std::fs::canonicalize(&path).unwrap());
+        }
+        assert_eq!(parts[0].sizes()[1], ("t2".to_string(), 24));
+        // Each part reads its own tensors when used.
+        assert!(parts[1].get("t1").unwrap().equal(&ts[1].1));
+        assert!(parts[0].get("t2").unwrap().equal(&ts[2].1));
+    }
+
+    #[test]
+    fn split_of_a_set_in_memory_moves_handles_and_refuses_bad_groups() {
+        let a = Tensor::ones([4], tch::kind::FLOAT_CPU);
+        let set = || {
+            TensorSet::new([
+                ("a", a.shallow_clone()),
+                ("b", Tensor::zeros([2], tch::kind::FLOAT_CPU)),
+                ("c", Tensor::zeros([3], tch::kind::FLOAT_CPU)),
+            ])
+            .unwrap()
+        };
+        let parts = set().split("m", names(&[&["a", "c"], &["b"]])).unwrap();
+        assert_eq!(parts[0].get("a").unwrap().data_ptr(), a.data_ptr(), "no copy");
+        let refused = |groups: &[&[&str]], want: &str| {
+            let e = set().split("m", names(groups)).unwrap_err();
+            assert!(matches!(e, Error::InvalidOptions { .. }) && e.to_string().contains(want), "{e}");
+        };
+        refused(&[&["a", "b", "c", "x"]], "`x`");
+        refused(&[&["a", "b"], &["b", "c"]], "more than one part: `b`");
+        refused(&[&["a"], &["b"]], "in no part: `c`");
+        refused(&[&["a", "b", "c"], &[]], "part 1 has no tensor");
+        let tied = TensorSet::new([("w", a.shallow_clone()), ("tied", a.narrow(0, 1, 2))]).unwrap();
+        let e = tied.split("m", names(&[&["w"], &["tied"]])).unwrap_err();
+        assert!(e.to_string().contains("share memory"), "{e}");
+    }
 
     #[test]
     fn one_device_names_a_tensor_per_device() {

@@ -190,6 +190,13 @@ impl Engine {
         self.transfer.fail_next(at);
     }
 
+    /// Reserves `n` consecutive values of the recency clock and returns the
+    /// first: stamps no use will take, for a caller that orders the recency
+    /// of its own models itself (see `parts.rs`).
+    pub(crate) fn reserve_stamps(&self, n: u64) -> u64 {
+        self.clock.fetch_add(n, Relaxed)
+    }
+
     pub(crate) fn pools(&self) -> Vec<(Location, u64)> {
         self.lock().pools().iter().map(|p| (p.location, p.budget)).collect()
     }

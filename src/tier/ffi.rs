@@ -350,6 +350,31 @@ pub(crate) fn prefer_huge_pages(addr: *mut u8, len: usize) {
     }
 }
 
+/// Reads the pages under the `len` bytes at `addr` into memory now, on the
+/// calling thread (`MADV_POPULATE_READ`; where the kernel lacks it, a
+/// read-ahead request, `MADV_WILLNEED`): for weights mapped from a file, the
+/// disk read happens here rather than at their first use. A hint: what the
+/// memory holds never changes. Returns whether the pages were populated
+/// (rather than only asked for, or not at all).
+pub(crate) fn read_ahead(addr: *const u8, len: usize) -> bool {
+    if len == 0 {
+        return true;
+    }
+    let page = page_size() as usize;
+    let start = addr as usize / page * page;
+    let len = addr as usize + len - start;
+    // SAFETY: both advices only fault pages in for reading or schedule their
+    // read, never changing their contents; on a range that is not mapped, or
+    // past the end of a mapped file, they fail with an error (no signal).
+    unsafe {
+        if libc::madvise(start as *mut libc::c_void, len, libc::MADV_POPULATE_READ) == 0 {
+            return true;
+        }
+        let _ = libc::madvise(start as *mut libc::c_void, len, libc::MADV_WILLNEED);
+    }
+    false
+}
+
 /// Gives the C allocator's free memory back to the system (`malloc_trim`):
 /// host buffers of evicted models are freed to it, and without this it may
 /// keep them (glibc raises its mmap threshold after large frees, so blocks of
@@ -417,6 +442,47 @@ pub(crate) fn resident_set_bytes() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bytes of the mapping holding `addr` present in this process's page
+    /// tables (the `Rss` of its `/proc/self/smaps` entry).
+    fn mapping_rss(addr: usize) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let range = line.split_whitespace().next().and_then(|r| r.split_once('-'));
+            if let Some((a, b)) = range.filter(|_| line.contains(' ')) {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                    inside = (a..b).contains(&addr);
+                    continue;
+                }
+            }
+            if inside {
+                if let Some(kb) = line.strip_prefix("Rss:") {
+                    return kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024;
+                }
+            }
+        }
+        panic!("no mapping holds {addr:#x}")
+    }
+
+    #[test]
+    fn read_ahead_populates_a_file_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; 8 << 20]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: a private read-only mapping of a file nobody else writes.
+        let map = unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) }.unwrap();
+        let addr = map.as_ptr() as usize;
+        assert_eq!(mapping_rss(addr), 0, "nothing touched yet");
+        if read_ahead(map.as_ptr(), map.len()) {
+            assert_eq!(mapping_rss(addr), 8 << 20, "every page read in");
+        }
+        // Unaligned ranges, and nothing.
+        assert!(read_ahead(map[100..].as_ptr(), 5000));
+        assert!(read_ahead(std::ptr::null(), 0));
+        assert_eq!(map[(8 << 20) - 1], 7);
+    }
 
     #[test]
     fn statvfs_of_a_tempdir() {

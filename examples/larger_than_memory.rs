@@ -1,0 +1,70 @@
+//! A model twice the host budget, run twice: registered in parts from its
+//! safetensors file (nothing read), then streamed part by part, the next part
+//! prefetched from disk while the current one computes. After each pass it
+//! prints what was read from disk and which parts stayed resident.
+//!
+//! Run: `cargo run --release --example larger_than_memory`.
+
+use sire::{Location, ManageOptions, ResourcePoolManagement, Split, TensorSet};
+use tch::{Device, Kind, Tensor};
+
+const LAYERS: usize = 8;
+const WIDTH: i64 = 1024; // each layer: 1024² f32 = 4 MiB
+const MIB: u64 = 1 << 20;
+
+fn main() -> sire::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("model.safetensors");
+    tch::manual_seed(0);
+    let layers: Vec<(String, Tensor)> = (0..LAYERS)
+        .map(|i| {
+            let w = Tensor::randn([WIDTH, WIDTH], (Kind::Float, Device::Cpu)) / (WIDTH as f64).sqrt();
+            (format!("layers.{i}.weight"), w)
+        })
+        .collect();
+    Tensor::write_safetensors(&layers, &path)?;
+    let model_bytes = LAYERS as u64 * (WIDTH * WIDTH * 4) as u64;
+
+    // Host budget: half the model. No GPU: the CPU runs it, the disk tier holds the rest.
+    let pools = ResourcePoolManagement::builder()
+        .cuda(false)
+        .env(false)
+        .cpu_budget(model_bytes / 2)
+        .spill_dir(dir.path())
+        .build()?;
+    let set = TensorSet::from_safetensors(&path)?;
+    let prefixes = (0..LAYERS).map(|i| format!("layers.{i}.")).collect();
+    let model = pools.manage_parts(set, Split::Prefixes(prefixes), ManageOptions::new().name("mlp"))?;
+    println!(
+        "model `{}`: {} parts, {} MiB; host budget {} MiB",
+        model.name(),
+        model.len(),
+        model.size_bytes() / MIB,
+        model_bytes / 2 / MIB
+    );
+
+    let x = Tensor::randn([WIDTH, 16], (Kind::Float, Device::Cpu));
+    for pass in 1..=2 {
+        let before = pools.stats().bytes_from_disk;
+        let mut stream = model.stream();
+        let mut h = x.shallow_clone();
+        for i in 0..model.len() {
+            let part = stream.part(i)?;
+            h = part.get(&format!("layers.{i}.weight")).expect("weight").mm(&h).relu();
+        }
+        let loaded = stream.loaded().to_vec();
+        drop(stream);
+        let s = pools.stats();
+        let host = s.pool(Location::Cpu).expect("host pool");
+        println!(
+            "pass {pass}: output norm {:.4}; read {} MiB from disk; loaded parts {loaded:?}; \
+             resident after: {:?} ({} of {} MiB)",
+            h.norm().double_value(&[]),
+            (s.bytes_from_disk - before) / MIB,
+            model.resident(),
+            host.used / MIB,
+            host.budget / MIB
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,617 @@
+//! Models larger than the budget (issue 15): a model registered in ordered
+//! parts, each an ordinary managed model, streamed part by part with the next
+//! part prefetched while the current one computes.
+//!
+//! Each part is a [`Managed<TensorSet>`] named `<model>/<part>`, so eviction,
+//! budgets, the disk tier, mapping, statistics and events work per part with
+//! no change to the engine. What this file adds is the order: a [`Stream`]
+//! (one pass over the model) takes each part just in time, releases the one
+//! before, prefetches the one expected next, learns the execution order from
+//! the passes it sees, and orders the recency of the model's idle parts so
+//! that, between passes, the parts that stay resident are the ones the next
+//! pass needs first.
+
+use std::collections::HashMap;
+
+use parking_lot::Mutex;
+
+use crate::error::panic_message;
+use crate::{
+    auto_manage_owned, prefetch, Error, Location, ManageOptions, Managed, OwnedGuard, Prefetch,
+    ResourcePoolManagement, ResourceUser, Result, TensorSet,
+};
+
+/// How [`ResourcePoolManagement::manage_parts`] cuts a model into parts.
+///
+/// Parts are listed in order; the order only seeds the first pass's
+/// prefetching (later passes follow the order they observed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Split {
+    /// One part per prefix, in the order given: each tensor goes to the
+    /// longest prefix its name starts with (plain string prefixes: end one
+    /// with `.` to match whole components, `"layers.1."` does not take
+    /// `layers.10.w`). A tensor no prefix matches, a prefix that matches no
+    /// tensor, or a prefix given twice is [`Error::InvalidOptions`]. Parts
+    /// are named after their prefix (trailing `.` and `/` removed; `part<i>`
+    /// if that leaves nothing or a name taken).
+    Prefixes(Vec<String>),
+    /// One part per top-level submodule: tensors grouped by the first
+    /// component of their dotted name (`encoder.layer.0.w` → `encoder`),
+    /// parts in the order their first tensor appears (file order for a set
+    /// from [`TensorSet::from_safetensors`]).
+    TopLevel,
+    /// Consecutive tensors (in file or declaration order) up to a byte
+    /// target: a new part starts when adding the next tensor would pass the
+    /// target (a tensor larger than the target is a part of its own). Parts
+    /// are named `part0`, `part1`…
+    Bytes(u64),
+}
+
+/// A model registered in ordered parts, see [`ResourcePoolManagement::manage_parts`].
+///
+/// Each part is a managed [`TensorSet`] of its own (named `<model>/<part>`),
+/// moved, evicted, spilled and counted like any model; [`Parted::stream`]
+/// runs a pass over the parts. Dropping the `Parted` unregisters them.
+pub struct Parted {
+    name: String,
+    names: Vec<String>,
+    parts: Vec<Managed<TensorSet>>,
+    /// Which part holds each tensor.
+    owner: HashMap<String, usize>,
+    /// The execution order last observed (part indices, repeats kept);
+    /// empty before the first pass.
+    order: Mutex<Vec<usize>>,
+    pools: ResourcePoolManagement,
+}
+
+impl std::fmt::Debug for Parted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parted")
+            .field("name", &self.name)
+            .field("parts", &self.names)
+            .field("bytes", &self.size_bytes())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResourcePoolManagement {
+    /// Registers a model in ordered parts, cut as `split` says: each part is
+    /// a managed model of its own, named `<model>/<part>` (the model's name
+    /// is [`ManageOptions::name`], else `Parted`, `Parted#2`…), with the
+    /// other options applied to every part ([`ManageOptions::reserve`] is
+    /// reserved per resident part). Nothing is read: a set from
+    /// [`TensorSet::from_safetensors`] gives parts over the same file, read
+    /// when a pass needs them; a set in memory gives parts that hold its
+    /// tensors (no copy).
+    ///
+    /// The whole model may be larger than the budget: only a part must fit
+    /// (a larger part is [`Error::TooLarge`] when a pass takes it). Between
+    /// passes, as many parts stay resident as the budget allows.
+    ///
+    /// ```
+    /// # fn main() -> sire::Result<()> {
+    /// use sire::{ManageOptions, Split, TensorSet};
+    /// use tch::{Kind, Tensor};
+    /// # let dir = tempfile::tempdir()?;
+    /// // Three layers of 64 KiB under a 160 KiB host budget: the model does not fit.
+    /// let pools = sire::ResourcePoolManagement::builder().cuda(false).env(false)
+    ///     .cpu_budget(160 << 10).spill_dir(dir.path()).build()?;
+    /// let layers: Vec<(String, Tensor)> = (0..3)
+    ///     .map(|i| (format!("layer{i}.w"), Tensor::eye(128, (Kind::Float, tch::Device::Cpu))))
+    ///     .collect();
+    /// let model = pools.manage_parts(TensorSet::new(layers)?, Split::TopLevel, ManageOptions::new().name("mlp"))?;
+    /// assert_eq!(model.part_names(), ["layer0", "layer1", "layer2"]);
+    /// let mut x = Tensor::ones([128, 1], (Kind::Float, tch::Device::Cpu));
+    /// let mut pass = model.stream();
+    /// for i in 0..model.len() {
+    ///     let part = pass.part(i)?; // part i is resident while `pass` holds it
+    ///     x = part.get(&format!("layer{i}.w")).unwrap().mm(&x);
+    /// }
+    /// drop(pass);
+    /// assert_eq!(x.sum(Kind::Float).double_value(&[]), 128.0);
+    /// # Ok(()) }
+    /// ```
+    pub fn manage_parts(&self, set: TensorSet, split: Split, opts: ManageOptions) -> Result<Parted> {
+        let sizes = set.sizes();
+        let label = opts.name.clone().unwrap_or_else(|| "Parted".to_string());
+        let (names, groups) = cut(&label, &sizes, &split)?;
+        let name = match &opts.name {
+            Some(n) => n.clone(),
+            None => self.free_parted_name(),
+        };
+        let owner: HashMap<String, usize> =
+            groups.iter().enumerate().flat_map(|(p, g)| g.iter().map(move |n| (n.clone(), p))).collect();
+        let sets = set.split(&name, groups)?;
+        let parts = sets
+            .into_iter()
+            .zip(&names)
+            .map(|(s, part)| self.manage_with(s, opts.clone().name(format!("{name}/{part}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Parted { name, names, parts, owner, order: Mutex::new(Vec::new()), pools: self.clone() })
+    }
+
+    /// The first of `Parted`, `Parted#2`… that is no model's name and no
+    /// registered model's prefix (`<name>/`).
+    fn free_parted_name(&self) -> String {
+        let lk = self.inner.lock();
+        std::iter::once("Parted".to_string())
+            .chain((2..).map(|n| format!("Parted#{n}")))
+            .find(|base| {
+                let prefix = format!("{base}/");
+                !lk.name_taken(base) && !lk.entries().any(|e| e.core.name.starts_with(&prefix))
+            })
+            .expect("a free name")
+    }
+}
+
+/// The part names and the tensor names of each part, as `split` cuts `sizes`
+/// (each tensor's name and bytes, in order).
+fn cut(model: &str, sizes: &[(String, u64)], split: &Split) -> Result<(Vec<String>, Vec<Vec<String>>)> {
+    let invalid = |reason: String| Error::InvalidOptions { model: model.into(), reason };
+    if sizes.is_empty() {
+        return Err(invalid("a model in parts needs at least one tensor".into()));
+    }
+    match split {
+        Split::Prefixes(prefixes) => {
+            if prefixes.is_empty() {
+                return Err(invalid("no prefix given".into()));
+            }
+            for (i, p) in prefixes.iter().enumerate() {
+                if prefixes[..i].contains(p) {
+                    return Err(invalid(format!("prefix `{p}` given twice")));
+                }
+            }
+            let mut groups = vec![Vec::new(); prefixes.len()];
+            let mut unmatched = Vec::new();
+            for (name, _) in sizes {
+                let best = prefixes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| name.starts_with(p.as_str()))
+                    .max_by_key(|(_, p)| p.len());
+                match best {
+                    Some((i, _)) => groups[i].push(name.clone()),
+                    None => unmatched.push(format!("`{name}`")),
+                }
+            }
+            if !unmatched.is_empty() {
+                return Err(invalid(format!("no prefix matches {}", unmatched.join(", "))));
+            }
+            if let Some(i) = groups.iter().position(Vec::is_empty) {
+                return Err(invalid(format!("prefix `{}` matches no tensor", prefixes[i])));
+            }
+            let mut names: Vec<String> = Vec::with_capacity(prefixes.len());
+            for (i, p) in prefixes.iter().enumerate() {
+                let trimmed = p.trim_end_matches(['.', '/']);
+                let name = if trimmed.is_empty() || names.iter().any(|n| n == trimmed) {
+                    format!("part{i}")
+                } else {
+                    trimmed.to_string()
+                };
+                names.push(name);
+            }
+            Ok((names, groups))
+        }
+        Split::TopLevel => {
+            let mut names: Vec<String> = Vec::new();
+            let mut groups: Vec<Vec<String>> = Vec::new();
+            for (name, _) in sizes {
+                let top = name.split('.').next().unwrap_or(name);
+                match names.iter().position(|n| n == top) {
+                    Some(i) => groups[i].push(name.clone()),
+                    None => {
+                        names.push(top.to_string());
+                        groups.push(vec![name.clone()]);
+                    }
+                }
+            }
+            Ok((names, groups))
+        }
+        Split::Bytes(target) => {
+            if *target == 0 {
+                return Err(invalid("the byte target of a part must be positive".into()));
+            }
+            let mut groups: Vec<Vec<String>> = Vec::new();
+            let mut bytes = 0u64;
+            for (name, size) in sizes {
+                match groups.last_mut() {
+                    Some(g) if bytes.saturating_add(*size) <= *target => g.push(name.clone()),
+                    _ => {
+                        groups.push(vec![name.clone()]);
+                        bytes = 0;
+                    }
+                }
+                bytes = bytes.saturating_add(*size);
+            }
+            let names = (0..groups.len()).map(|i| format!("part{i}")).collect();
+            Ok((names, groups))
+        }
+    }
+}
+
+impl Parted {
+    /// The model's name (its parts are named `<name>/<part>`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The number of parts.
+    pub fn len(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// Whether the model has no part (never: registration refuses it).
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    /// The parts' names, in order (without the model's name).
+    pub fn part_names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The parts, each a managed model of its own (for its location, use
+    /// count, statistics; take them through [`Parted::stream`]).
+    pub fn parts(&self) -> &[Managed<TensorSet>] {
+        &self.parts
+    }
+
+    /// The index of the part holding the tensor `name`.
+    pub fn part_of(&self, name: &str) -> Option<usize> {
+        self.owner.get(name).copied()
+    }
+
+    /// Bytes of the whole model (the sum of its parts).
+    pub fn size_bytes(&self) -> u64 {
+        self.parts.iter().map(Managed::size_bytes).sum()
+    }
+
+    /// The parts now on their runtime location (resident, in use or not).
+    pub fn resident(&self) -> Vec<usize> {
+        (0..self.parts.len()).filter(|&i| is_resident(&self.parts[i])).collect()
+    }
+
+    /// The execution order observed (part indices, in the order the last
+    /// pass that changed it took them); empty before the first pass.
+    pub fn order(&self) -> Vec<usize> {
+        self.order.lock().clone()
+    }
+
+    /// Starts a pass over the model: see [`Stream`].
+    pub fn stream(&self) -> Stream<'_> {
+        let expected = self.order();
+        let window = 64 * (self.parts.len() as u64 + expected.len() as u64 + 1);
+        let base = self.pools.inner.reserve_stamps(2 * window);
+        // The parts not in use are needed by this pass in the expected order:
+        // the first needed gets the newest stamp (see `Stream::release`).
+        let mut position: Vec<Option<usize>> = vec![None; self.parts.len()];
+        for (p, &i) in expected.iter().enumerate() {
+            position[i].get_or_insert(p);
+        }
+        for (i, m) in self.parts.iter().enumerate() {
+            let p = position[i].unwrap_or(expected.len() + i) as u64;
+            m.set_last_used(base + 2 * window - 1 - p.min(window - 1));
+        }
+        Stream {
+            parted: self,
+            current: None,
+            next: None,
+            expected,
+            pos: None,
+            seen: Vec::new(),
+            base,
+            window,
+            released: 0,
+            loaded: Vec::new(),
+        }
+    }
+}
+
+/// Whether a part is on its runtime location.
+fn is_resident(m: &Managed<TensorSet>) -> bool {
+    m.location() == m.runtime()
+}
+
+/// One pass over a [`Parted`] model: [`Stream::part`] takes a part just in
+/// time, releases the part taken before and starts prefetching the part
+/// expected next, so that its transfer overlaps the current part's compute
+/// (a background thread reading from the disk tier into host memory, or
+/// copying to the device). Dropping the stream releases everything, also
+/// when a panic unwinds through it.
+///
+/// **Order.** The first pass prefetches in declaration order; each later
+/// pass follows the order the last pass took the parts in. A pass that takes
+/// them in another order is served correctly (a prefetch that guessed wrong
+/// is simply released) and its order is followed from then on.
+///
+/// **Budget.** At most one prefetch is under way, and none when the runtime
+/// pool's budget cannot hold the current part and the next together, so a
+/// model larger than the budget streams through a budget of two parts.
+///
+/// **What stays resident.** Within a model streamed in a loop, plain
+/// least-recently-used eviction would evict each part just before it is
+/// needed again. A stream therefore orders its model's idle parts itself:
+/// the part it released last is evicted first (it is needed last by the next
+/// pass), and the parts this pass has not reached yet are kept, the one it
+/// needs soonest longest. A model slightly larger than the budget then
+/// reloads only about the shortfall each pass. Relative to other models, the
+/// parts count as used when the pass started.
+///
+/// ```
+/// # fn main() -> sire::Result<()> {
+/// use sire::{ManageOptions, Split, TensorSet};
+/// use tch::{kind::FLOAT_CPU, Tensor};
+/// # let dir = tempfile::tempdir()?;
+/// # let pools = sire::ResourcePoolManagement::builder().cuda(false).env(false)
+/// #     .cpu_budget(1 << 20).spill_dir(dir.path()).build()?;
+/// let set = TensorSet::new((0..4).map(|i| (format!("b{i}.w"), Tensor::full([1024], i as f64, FLOAT_CPU))))?;
+/// let model = pools.manage_parts(set, Split::TopLevel, ManageOptions::new())?;
+/// let mut sums = Vec::new();
+/// let mut pass = model.stream();
+/// for i in [3, 1, 2, 0] {
+///     sums.push(pass.part(i)?.get(&format!("b{i}.w")).unwrap().sum(tch::Kind::Float).double_value(&[]));
+/// }
+/// drop(pass);
+/// assert_eq!(sums, [3072.0, 1024.0, 2048.0, 0.0]);
+/// assert_eq!(model.order(), [3, 1, 2, 0]); // the next pass prefetches in this order
+/// # Ok(()) }
+/// ```
+#[must_use = "a stream holds its current part until dropped"]
+pub struct Stream<'a> {
+    parted: &'a Parted,
+    current: Option<(usize, OwnedGuard<TensorSet>)>,
+    next: Option<(usize, Pending)>,
+    /// The order expected (from earlier passes).
+    expected: Vec<usize>,
+    /// Where this pass is in `expected`.
+    pos: Option<usize>,
+    /// The parts taken so far, in order.
+    seen: Vec<usize>,
+    /// The first stamp of this pass's window of `2 * window` stamps.
+    base: u64,
+    window: u64,
+    /// Parts released so far.
+    released: u64,
+    /// Parts that were not resident when this pass asked for (or prefetched) them.
+    loaded: Vec<usize>,
+}
+
+impl std::fmt::Debug for Stream<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("model", &self.parted.name)
+            .field("current", &self.current.as_ref().map(|(i, _)| *i))
+            .field("prefetching", &self.next.as_ref().map(|(i, _)| *i))
+            .field("seen", &self.seen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stream<'_> {
+    /// Takes part `i` and returns a guard on it (its tensors are on
+    /// `device()` while the stream holds it): waits for its prefetch if one is
+    /// under way, else loads it, like [`auto_manage`](crate::auto_manage).
+    /// The part taken before is released first; the part expected next is
+    /// then prefetched. Taking the current part again returns it. Tensors
+    /// taken from the guard follow the part's weights: use them before the
+    /// next call, after which the part may be evicted.
+    ///
+    /// Errors as [`auto_manage`](crate::auto_manage) for the part (a part
+    /// larger than the whole budget is [`Error::TooLarge`]); an index out of
+    /// range is [`Error::InvalidOptions`].
+    pub fn part(&mut self, i: usize) -> Result<&OwnedGuard<TensorSet>> {
+        let parts = &self.parted.parts;
+        if i >= parts.len() {
+            return Err(Error::InvalidOptions {
+                model: self.parted.name.clone(),
+                reason: format!("no part {i}: the model has {}", parts.len()),
+            });
+        }
+        if self.current.as_ref().is_none_or(|(c, _)| *c != i) {
+            self.release();
+            let guard = match self.next.take() {
+                Some((j, pending)) if j == i => match pending.wait() {
+                    Ok(g) => g,
+                    // The prefetch failed: try again here, for the error.
+                    Err(_) => auto_manage_owned(&parts[i])?,
+                },
+                other => {
+                    // A guess that was wrong: finish it (the part stays resident, idle).
+                    if let Some((_, pending)) = other {
+                        drop(pending.wait());
+                    }
+                    if !is_resident(&parts[i]) {
+                        self.loaded.push(i);
+                    }
+                    auto_manage_owned(&parts[i])?
+                }
+            };
+            self.advance(i);
+            self.current = Some((i, guard));
+            self.prefetch_after(i);
+        }
+        Ok(&self.current.as_ref().expect("taken above").1)
+    }
+
+    /// The parts this pass had to load (they were not resident when it asked
+    /// for them or prefetched them), in order.
+    pub fn loaded(&self) -> &[usize] {
+        &self.loaded
+    }
+
+    /// The parts taken so far, in order.
+    pub fn seen(&self) -> &[usize] {
+        &self.seen
+    }
+
+    /// Notes that part `i` was taken: follows it in the expected order.
+    fn advance(&mut self, i: usize) {
+        let exp = &self.expected;
+        self.pos = match self.pos {
+            Some(p) if exp.get(p + 1) == Some(&i) => Some(p + 1),
+            p => {
+                let after = p.map_or(0, |p| p + 1);
+                exp[after.min(exp.len())..]
+                    .iter()
+                    .position(|&x| x == i)
+                    .map(|k| after + k)
+                    .or_else(|| exp.iter().position(|&x| x == i))
+            }
+        };
+        self.seen.push(i);
+    }
+
+    /// Starts prefetching the part expected after `i`, if any, if it is not
+    /// resident, and if the budget holds it beside part `i`.
+    fn prefetch_after(&mut self, i: usize) {
+        let parts = &self.parted.parts;
+        let next = match self.pos {
+            Some(p) => self.expected.get(p + 1).copied(),
+            None if i + 1 < parts.len() => Some(i + 1),
+            None => None,
+        };
+        let Some(next) = next else { return };
+        let (cur, nxt) = (&parts[i], &parts[next]);
+        if next == i || is_resident(nxt) {
+            return;
+        }
+        let loc = nxt.runtime();
+        let Some(budget) = self.parted.pools.pools().iter().find(|(l, _)| *l == loc).map(|(_, b)| *b) else {
+            return;
+        };
+        let charge = |m: &Managed<TensorSet>| m.size_bytes() + m.core().reserve;
+        let beside = if cur.runtime() == loc { charge(cur) } else { 0 };
+        if beside.saturating_add(charge(nxt)) > budget {
+            return;
+        }
+        if let Some(pending) = Pending::start(nxt) {
+            self.loaded.push(next);
+            self.next = Some((next, pending));
+        }
+    }
+
+    /// Releases the current part, after stamping its recency.
+    ///
+    /// The stamps come from a window reserved when the pass started (no use
+    /// of any model takes them). Its upper half went, at the start, to the
+    /// parts in the order this pass is expected to need them (the first
+    /// needed the newest); its lower half goes to the parts as they are
+    /// released, each one older than the one before. So among the model's idle
+    /// parts the engine (which evicts the oldest first) evicts the part this
+    /// pass released last, and keeps the parts it has not reached yet: most
+    /// recently used first, the right victim for a loop (the part used last
+    /// is needed last by the next pass), where least recently used first
+    /// would evict each part just before it is needed again.
+    fn release(&mut self) {
+        if let Some((c, guard)) = self.current.take() {
+            let k = self.released.min(self.window - 1);
+            self.parted.parts[c].set_last_used(self.base + self.window - 1 - k);
+            self.released += 1;
+            drop(guard);
+        }
+    }
+}
+
+/// A prefetch under way.
+enum Pending {
+    /// A part that runs on a CUDA device: [`prefetch`], whose copies run on a
+    /// side stream.
+    Device(Prefetch<TensorSet>),
+    /// A part that runs on the CPU: loaded on a thread of its own, which then
+    /// reads its pages in (weights mapped from their file are read from disk
+    /// there, not by the compute that first touches them).
+    Host(std::thread::JoinHandle<Result<OwnedGuard<TensorSet>>>, String),
+}
+
+impl Pending {
+    /// Starts prefetching `m`; `None` if no thread could be started.
+    fn start(m: &Managed<TensorSet>) -> Option<Pending> {
+        if m.runtime() != Location::Cpu {
+            return Some(Pending::Device(prefetch(m)));
+        }
+        let (m, name) = (m.clone(), m.name().to_string());
+        std::thread::Builder::new()
+            .name(format!("sire-prefetch-{name}"))
+            .spawn(move || {
+                let g = auto_manage_owned(&m)?;
+                for (_, t) in g.tensors() {
+                    if t.defined() && t.numel() > 0 {
+                        let bytes = t.numel() * t.kind().elt_size_in_bytes();
+                        let _ = crate::tier::ffi::read_ahead(t.data_ptr() as *const u8, bytes);
+                    }
+                }
+                Ok(g)
+            })
+            .ok()
+            .map(|h| Pending::Host(h, name))
+    }
+
+    /// Waits for the prefetch and returns its guard.
+    fn wait(self) -> Result<OwnedGuard<TensorSet>> {
+        match self {
+            Pending::Device(p) => p.wait(),
+            Pending::Host(h, model) => {
+                h.join().unwrap_or_else(|p| Err(Error::MovePanicked { model, message: panic_message(&*p) }))
+            }
+        }
+    }
+}
+
+impl Drop for Stream<'_> {
+    fn drop(&mut self) {
+        self.release();
+        if let Some((_, pending)) = self.next.take() {
+            // Waited for, so that nothing is held once the stream is gone.
+            drop(pending.wait());
+        }
+        // The order to follow: this pass's, unless it stopped within the
+        // expected order (an early end) or a panic cut it short.
+        if !self.seen.is_empty() && !self.expected.starts_with(&self.seen) && !std::thread::panicking() {
+            *self.parted.order.lock() = std::mem::take(&mut self.seen);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizes(v: &[(&str, u64)]) -> Vec<(String, u64)> {
+        v.iter().map(|(n, b)| (n.to_string(), *b)).collect()
+    }
+
+    fn groups(v: &[&[&str]]) -> Vec<Vec<String>> {
+        v.iter().map(|g| g.iter().map(|n| n.to_string()).collect()).collect()
+    }
+
+    #[test]
+    fn bytes_cut_consecutive_tensors_at_the_target() {
+        let s = sizes(&[("a", 40), ("b", 60), ("c", 1), ("d", 250), ("e", 30)]);
+        let (names, g) = cut("m", &s, &Split::Bytes(100)).unwrap();
+        // a+b = 100 fits; c would pass it; d alone passes it (a part of its own).
+        assert_eq!(g, groups(&[&["a", "b"], &["c"], &["d"], &["e"]]));
+        assert_eq!(names, ["part0", "part1", "part2", "part3"]);
+        let (_, g) = cut("m", &s, &Split::Bytes(u64::MAX)).unwrap();
+        assert_eq!(g.len(), 1);
+    }
+
+    #[test]
+    fn top_level_groups_by_first_component_in_order_of_appearance() {
+        let s = sizes(&[("enc.0.w", 1), ("dec.w", 1), ("enc.1.w", 1), ("head", 1)]);
+        let (names, g) = cut("m", &s, &Split::TopLevel).unwrap();
+        assert_eq!(names, ["enc", "dec", "head"]);
+        assert_eq!(g, groups(&[&["enc.0.w", "enc.1.w"], &["dec.w"], &["head"]]));
+    }
+
+    #[test]
+    fn prefixes_take_the_longest_match_and_name_parts() {
+        let s = sizes(&[("layers.1.w", 1), ("layers.10.w", 1), ("embed", 1)]);
+        let split = Split::Prefixes(vec!["layers.1.".into(), "layers.".into(), "".into()]);
+        let (names, g) = cut("m", &s, &split).unwrap();
+        assert_eq!(names, ["layers.1", "layers", "part2"]);
+        assert_eq!(g, groups(&[&["layers.1.w"], &["layers.10.w"], &["embed"]]));
+        let e = cut("m", &[], &Split::TopLevel).unwrap_err();
+        assert!(e.to_string().contains("at least one tensor"), "{e}");
+    }
+}
