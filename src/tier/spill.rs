@@ -39,7 +39,7 @@ use std::ops::Range;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use memmap2::{Advice, Mmap, MmapMut, MmapOptions, UncheckedAdvice};
+use memmap2::{Advice, Mmap, MmapOptions, UncheckedAdvice};
 use safetensors::tensor::{Metadata, SafeTensors, TensorInfo};
 use safetensors::Dtype;
 use tch::{Device, Kind, Tensor};
@@ -47,6 +47,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::error::{fmt_bytes, Error, Result};
 use crate::tier::ffi;
+use map::{map_tensors, Stamp};
 
 /// Metadata key of the format version, and its value.
 const FORMAT_KEY: &str = "sire.format";
@@ -66,7 +67,6 @@ const OPEN_FLAGS: i32 = libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
 const PREFIX_LEN: usize = 8;
 /// Bytes copied at a time; each chunk is hashed right after, while in cache.
 const CHUNK: usize = 512 << 10;
-/// Size of a transparent huge page (x86-64, aarch64 with 4 KiB pages).
 /// Bytes of the mapped file populated, then released, at a time.
 const WINDOW: usize = 8 << 20;
 /// Capacity of the write buffer (larger writes bypass it).
@@ -279,34 +279,6 @@ enum How<'a> {
     },
 }
 
-/// What identifies a file's contents without reading them: device, inode,
-/// size, modification and change times. Any write to the file, or another
-/// file put in its place, changes it (the change time cannot be set back).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Stamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    modified: (i64, i64),
-    changed: (i64, i64),
-}
-
-impl Stamp {
-    fn of(meta: &fs::Metadata) -> Stamp {
-        Stamp {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            len: meta.len(),
-            modified: (meta.mtime(), meta.mtime_nsec()),
-            changed: (meta.ctime(), meta.ctime_nsec()),
-        }
-    }
-}
-
-/// A private mapping of a file that tensors point into; unmapped when the
-/// last of them is freed.
-struct Mapping(#[allow(dead_code)] MmapMut);
-
 /// Where [`read_checked`] puts tensor `slot`: a contiguous CPU tensor that the
 /// caller allocated (a view into a packed, possibly pinned, home copy).
 pub(crate) type Dest<'a> = &'a mut dyn FnMut(usize) -> Result<Tensor>;
@@ -506,103 +478,6 @@ fn read_checked(path: &Path, names: &[String], expect: Expect<'_>, how: How<'_>)
     let tensors = out.into_iter().map(|t| t.expect("every requested tensor was read")).collect();
     let all_hashed = sums.iter().all(Option::is_some);
     Ok(Read { tensors, sums, mapped: false, verified: (whole && all_hashed).then_some(stamp), stamp })
-}
-
-/// Hashes of tensors (by slot) computed by one thread of [`map_tensors`].
-type Hashed = Vec<(usize, Option<u64>)>;
-
-/// Points tensors at the private mapping `map` of the file at `path` for
-/// `jobs` (see [`How::Map`]), verifying their bytes first unless `skip`;
-/// `stamp` is the file's, and `whole` tells whether `jobs` are all its
-/// tensors. Makes no tensor (`mapped` false) where one is not aligned for its
-/// kind.
-fn map_tensors(
-    path: &Path,
-    mut map: MmapMut,
-    jobs: &[Job<'_>],
-    skip: bool,
-    stamp: Stamp,
-    whole: bool,
-) -> Result<Read> {
-    let corrupt = |detail: String| Error::Corrupt { path: path.to_owned(), detail };
-    // The mapping starts on a page: a tensor is aligned if its offset is.
-    if jobs.iter().any(|job| job.range.start % job.kind.elt_size_in_bytes() != 0) {
-        return Ok(Read { tensors: Vec::new(), sums: Vec::new(), mapped: false, verified: None, stamp });
-    }
-    // Hints only: a cold file is read ahead aggressively, all of it at once.
-    let _ = map.advise(Advice::Sequential);
-    for job in jobs.iter().filter(|job| !job.range.is_empty()) {
-        let _ = map.advise_range(Advice::WillNeed, job.range.start, job.range.len());
-    }
-    // Tensors to verify are hashed by up to four threads, tensors dealt out
-    // by size; their pages are faulted in at once first, where the kernel
-    // can (a file that shrank or cannot be read is an error here, not a
-    // SIGBUS). Tensors not verified are not touched: the computation faults
-    // their pages in, as any mapping (populating them here measured slower).
-    let prepare = |job: &Job<'_>| -> Result<Option<u64>> {
-        if !job.hash || skip {
-            return Ok(None);
-        }
-        let populated = match job.range.is_empty() {
-            true => Ok(()),
-            false => map.advise_range(Advice::PopulateRead, job.range.start, job.range.len()),
-        };
-        match populated {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-            Err(e) => return Err(corrupt(format!("cannot read tensor `{}`: {e}", job.name))),
-        }
-        let got = xxhash_rust::xxh3::xxh3_64(&map[job.range.clone()]);
-        check_hash(path, job, got)?;
-        Ok(Some(got))
-    };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
-    let total: usize = jobs.iter().map(|job| job.range.len()).sum();
-    let mut shares: Vec<Vec<&Job<'_>>> = vec![Vec::new(); threads];
-    let mut loads = vec![0usize; threads];
-    let mut by_size: Vec<&Job<'_>> = jobs.iter().collect();
-    by_size.sort_by_key(|job| std::cmp::Reverse(job.range.len()));
-    for job in by_size {
-        let least = (0..threads).min_by_key(|&i| loads[i]).unwrap_or(0);
-        loads[least] += job.range.len();
-        shares[least].push(job);
-    }
-    let run = |share: &[&Job<'_>]| {
-        share.iter().map(|&job| Ok((job.slot, prepare(job)?))).collect::<Result<Vec<_>>>()
-    };
-    let done: Vec<Result<Hashed>> = if threads == 1 || total < 16 * WINDOW {
-        vec![run(&jobs.iter().collect::<Vec<_>>())]
-    } else {
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = shares[1..].iter().map(|share| scope.spawn(|| run(share))).collect();
-            let mut done = vec![run(&shares[0])];
-            done.extend(
-                handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
-            );
-            done
-        })
-    };
-    let mut sums = vec![None; jobs.len()];
-    for share in done {
-        for (slot, sum) in share? {
-            sums[slot] = sum;
-        }
-    }
-    let base = map.as_mut_ptr();
-    let owner = std::sync::Arc::new(Mapping(map));
-    let mut out: Vec<Option<Tensor>> = jobs.iter().map(|_| None).collect();
-    for job in jobs {
-        // SAFETY: `job.range` lies inside the mapping (checked against the
-        // file's length when the header was read) and is aligned for
-        // `job.kind` (checked above); the mapping is private and writable,
-        // unmapped only when `owner`'s last reference goes, which the
-        // tensor's storage holds; the ranges of a valid file do not overlap.
-        let t = unsafe { ffi::tensor_over(base.add(job.range.start), &job.shape, job.kind, owner.clone()) }?;
-        out[job.slot] = Some(t);
-    }
-    let tensors = out.into_iter().map(|t| t.expect("every requested tensor was mapped")).collect();
-    let verified = (whole && (skip || sums.iter().all(Option::is_some))).then_some(stamp);
-    Ok(Read { tensors, sums, mapped: true, verified, stamp })
 }
 
 /// Compares the xxh3 `got` of `job`'s bytes with the checksum its file
@@ -1378,5 +1253,6 @@ impl Drop for TempFile {
     }
 }
 
+mod map;
 #[cfg(test)]
 mod tests;

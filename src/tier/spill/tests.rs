@@ -498,6 +498,17 @@ fn a_folder_that_is_no_longer_private_is_not_written_to() {
     assert!(!file.path().exists());
 }
 
+/// Rewrites `path` with its last byte flipped (same size); returns the bytes
+/// it had.
+fn flip_last_byte(path: &Path) -> Vec<u8> {
+    let bytes = fs::read(path).unwrap();
+    let mut changed = bytes.clone();
+    let last = changed.len() - 1;
+    changed[last] ^= 0x01;
+    fs::write(path, &changed).unwrap();
+    bytes
+}
+
 #[test]
 fn a_source_file_that_changed_is_corrupt() {
     let dir = tempfile::tempdir().unwrap();
@@ -516,11 +527,7 @@ fn a_source_file_that_changed_is_corrupt() {
     // Same size, new bytes, the old modification time put back: the
     // hash of the bytes read the first time catches it.
     let before = fs::metadata(&path).unwrap().modified().unwrap();
-    let bytes = fs::read(&path).unwrap();
-    let mut changed = bytes.clone();
-    let last = changed.len() - 1;
-    changed[last] ^= 0x01;
-    fs::write(&path, &changed).unwrap();
+    let bytes = flip_last_byte(&path);
     File::options().write(true).open(&path).unwrap().set_modified(before).unwrap();
     let detail = corrupt_detail(source.read_into(&strings(&["a", "b"]), None));
     assert!(detail.contains("changed after the model was loaded"), "{detail}");
@@ -723,11 +730,7 @@ fn a_mapped_source_is_known_by_its_stamp_and_any_change_is_refused() {
     // New bytes, the old modification time put back: the change time
     // differs, so the file is refused, mapped or read.
     let before = fs::metadata(&path).unwrap().modified().unwrap();
-    let bytes = fs::read(&path).unwrap();
-    let mut changed = bytes.clone();
-    let last = changed.len() - 1;
-    changed[last] ^= 0x01;
-    fs::write(&path, &changed).unwrap();
+    let bytes = flip_last_byte(&path);
     File::options().write(true).open(&path).unwrap().set_modified(before).unwrap();
     let detail = corrupt_detail(source.map(&names));
     assert!(detail.contains("changed after the model was loaded"), "{detail}");
@@ -760,11 +763,7 @@ fn parts_of_one_source_read_their_own_tensors_and_share_its_identity() {
     assert!(other.read_into(&strings(&["b"]), None).unwrap()[0].equal(&b));
     assert!(source.read_into(&strings(&["b", "a"]), None).unwrap()[0].equal(&b));
     // A mapped read of one part after a change is refused for the other too.
-    let bytes = fs::read(&path).unwrap();
-    let mut changed = bytes.clone();
-    let last = changed.len() - 1;
-    changed[last] ^= 0x01;
-    fs::write(&path, &changed).unwrap();
+    flip_last_byte(&path);
     assert!(matches!(other.map(&strings(&["a"])), Err(Error::Corrupt { .. })));
     assert!(matches!(source.read_into(&strings(&["b"]), None), Err(Error::Corrupt { .. })));
 }
