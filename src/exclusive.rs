@@ -525,7 +525,7 @@ mod tests {
     //! "nested" by thread, a cancelled switch that ends before the next.
     use super::*;
     #[cfg(feature = "tokio")]
-    use crate::{ResourcePoolManagement, TensorSet};
+    use crate::{EventKind, ResourcePoolManagement, TensorSet};
     #[cfg(feature = "tokio")]
     use tch::{kind::FLOAT_CPU, Tensor};
 
@@ -637,33 +637,72 @@ mod tests {
     /// A fetch cancelled while its load attempt makes room (evicting another
     /// model) lets the next switch find its model off the device; the orphaned
     /// attempt then loads it anyway.
+    ///
+    /// A listener holds the attempt at the eviction it makes (the event is
+    /// delivered on the evicting thread), so the fetch is cancelled while the
+    /// attempt is known to be running, whatever the machine's speed.
     #[cfg(feature = "tokio")]
     #[test]
     fn a_fetch_cancelled_while_making_room_leaves_one_model() {
+        use std::sync::{Arc, Condvar, Mutex};
         const MIB: i64 = 1 << 20;
+        // (the attempt reached the eviction, the gate is open)
+        let gate = Arc::new((Mutex::new((false, false)), Condvar::new()));
+        let victim = Arc::new(Mutex::new(String::new()));
         let dir = tempfile::tempdir().unwrap();
+        let (g2, v2) = (gate.clone(), victim.clone());
         let pools = ResourcePoolManagement::builder()
             .cuda(false)
             .env(false)
             .cpu_budget((256 + 6) << 20)
             .spill_dir(dir.path())
             .wait_timeout(Duration::from_secs(20))
+            .listener(move |e| {
+                if e.kind == EventKind::Offloaded && *v2.lock().unwrap() == e.model {
+                    let (m, cv) = &*g2;
+                    let mut st = m.lock().unwrap();
+                    st.0 = true;
+                    cv.notify_all();
+                    let _ = cv.wait_timeout_while(st, Duration::from_secs(10), |s| !s.1).unwrap();
+                }
+            })
             .build()
             .unwrap();
         let shared = SharedModelManager::with_pools(pools.clone());
         let big = |n: i64| TensorSet::new([("w", Tensor::ones([n * MIB / 4], FLOAT_CPU))]).unwrap();
         let b = shared.add(big(8)).unwrap();
         let c = shared.add(big(8)).unwrap();
-        let x = pools.manage(big(256)).unwrap(); // idle, resident: B's load must evict it (a 256 MiB write)
+        let x = pools.manage(big(256)).unwrap(); // idle, resident: B's load must evict it
         assert_eq!(x.location(), Location::Cpu);
+        *victim.lock().unwrap() = x.name().to_owned();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let r = tokio::time::timeout(Duration::from_millis(5), shared.fetch_model_async::<TensorSet>(&b))
-                .await;
-            assert!(r.is_err(), "the fetch of b should still be making room");
+            let fetch = shared.fetch_model_async::<TensorSet>(&b);
+            tokio::pin!(fetch);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                tokio::select! {
+                    r = &mut fetch => panic!("the fetch of b ended ({:?}) before it evicted x", r.map(drop)),
+                    _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+                }
+                if gate.0.lock().unwrap().0 {
+                    break; // the attempt is held at x's eviction: cancel the fetch
+                }
+                assert!(tokio::time::Instant::now() < deadline, "the fetch of b never evicted x");
+            }
         });
+        let opener = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200)); // c's fetch starts while b's attempt runs
+                let (m, cv) = &*gate;
+                m.lock().unwrap().1 = true;
+                cv.notify_all();
+            })
+        };
         let g = shared.fetch_model::<TensorSet>(&c).unwrap();
-        std::thread::sleep(Duration::from_millis(1500)); // the orphaned attempt ends
+        opener.join().unwrap();
+        std::thread::sleep(Duration::from_millis(500)); // the orphaned attempt ends
         let (lb, lc) = (shared.model_location(&b).unwrap(), shared.model_location(&c).unwrap());
         drop(g);
         assert!(!(lb == Location::Cpu && lc == Location::Cpu), "b and c both on the shared device (cpu)");
