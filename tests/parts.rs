@@ -338,3 +338,83 @@ fn a_budget_of_one_part_streams_without_prefetching() {
     }
     assert_eq!(pools.stats().bytes_from_disk, 8 * PART, "every part read on every pass");
 }
+
+/// `Parted::sequential` over tch layers built on a `VarStore` (the parts hold
+/// the `VarStore`'s own tensors): a chain 4x the budget streams with the
+/// outputs of the plain layers, reads from disk, and keeps the budget; the
+/// layers' weights are back in the `VarStore` afterwards.
+#[test]
+fn a_sequential_of_tch_layers_streams_a_var_store() {
+    use tch::nn::{self, Module};
+    tch::manual_seed(11);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let fcs: Vec<nn::Linear> =
+        (0..8).map(|i| nn::linear(vs.root() / format!("fc{i}"), 256, 256, Default::default())).collect();
+    let x = Tensor::randn([4, 256], (Kind::Float, Device::Cpu));
+    let want = fcs.iter().fold(x.shallow_clone(), |h, l| l.forward(&h).tanh());
+    let layer_bytes = (256 * 256 + 256) * 4;
+    let (pools, _d) = pools(2 * layer_bytes);
+    let set = TensorSet::new(vs.variables()).unwrap();
+    let m = pools.manage_parts(set, Split::TopLevel, ManageOptions::new().name("mlp")).unwrap();
+    assert_eq!(m.size_bytes(), 4 * pools.stats().pool(Location::Cpu).unwrap().budget);
+    let mut net = m.sequential();
+    for (i, l) in fcs.into_iter().enumerate() {
+        let part = format!("fc{i}");
+        net = net.add(&part, l).unwrap().add_fn(&part, |_, h| h.tanh()).unwrap();
+    }
+    assert_eq!(net.len(), 16);
+    for round in 0..3 {
+        let before = pools.stats().bytes_from_disk;
+        let y = net.forward(&x);
+        assert!(!y.requires_grad(), "inference mode by default");
+        assert_close(&y, &want, &format!("round {round}"));
+        assert!(pools.stats().bytes_from_disk - before >= 6 * layer_bytes, "round {round} streamed");
+        check_invariants(&pools.stats());
+        assert!(net.parted().parts().iter().all(|p| p.use_count() == 0));
+    }
+    let e = net.add("fc9", nn::func(|x| x.shallow_clone())).unwrap_err();
+    assert!(e.to_string().contains("no part named `fc9`"), "{e}");
+}
+
+/// `hook_parts`: a forward written against a stream is a `Module`; it may take
+/// the parts in any order (learned, followed), a failed part is an error (not
+/// a panic) from `try_forward`, and a panic in the forward releases every part.
+#[test]
+fn hooked_parts_stream_in_the_forwards_order_and_release_on_panic() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tch::nn::Module;
+    let dir = tempfile::tempdir().unwrap();
+    let ts = layers(6, 12);
+    let path = write(dir.path(), &ts);
+    let (pools, _d) = pools(2 * PART);
+    let m = pools
+        .manage_parts(TensorSet::from_safetensors(&path).unwrap(), Split::TopLevel, ManageOptions::new())
+        .unwrap();
+    let order = vec![5, 0, 3, 1, 4, 2];
+    let fail = Arc::new(AtomicBool::new(false));
+    let (o, f) = (order.clone(), fail.clone());
+    let net = sire::hook_parts(m, move |pass, h| {
+        let mut h = h.shallow_clone();
+        for &i in &o {
+            if i == 4 && f.load(Ordering::SeqCst) {
+                panic!("layer 4 failed");
+            }
+            let p = pass.part(i)?;
+            h = layer(&p.get(&format!("l{i}.w")).unwrap(), &p.get(&format!("l{i}.b")).unwrap(), &h);
+        }
+        Ok(h)
+    })
+    .output_device(Device::Cpu);
+    let want = plain(&ts, &order);
+    assert_close(&net.forward(&input()), &want, "first");
+    assert_eq!(net.parted().order(), order, "the forward's order is learned");
+    assert_close(&net.try_forward(&input()).unwrap(), &want, "second");
+    fail.store(true, Ordering::SeqCst);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| net.forward(&input())));
+    assert!(r.is_err());
+    assert!(net.parted().parts().iter().all(|p| p.use_count() == 0), "a part still in use after the panic");
+    check_invariants(&pools.stats());
+    fail.store(false, Ordering::SeqCst);
+    assert_close(&net.forward(&input()), &want, "after the panic");
+}

@@ -11,9 +11,13 @@
 //! that, between passes, the parts that stay resident are the ones the next
 //! pass needs first.
 
+mod run;
+
 use std::collections::HashMap;
 
 use parking_lot::Mutex;
+
+pub use run::{hook_parts, HookedParts, Sequential};
 
 use crate::error::panic_message;
 use crate::{
