@@ -16,6 +16,9 @@ use crate::{Error, Result, TensorSet};
 /// stream, in any order.
 type PassFn = dyn Fn(&mut Stream<'_>, &Tensor) -> Result<Tensor> + Send + Sync;
 
+/// A layer of a [`Sequential`] given as a function of its part's tensors.
+type LayerFn = dyn Fn(&TensorSet, &Tensor) -> Tensor + Send;
+
 /// Makes a parted model self-streaming: every forward starts a pass
 /// ([`Parted::stream`]), calls `f` with it and the input, and ends the pass
 /// (releasing every part, also when `f` fails or panics). `f` takes the
@@ -133,7 +136,7 @@ enum Layer {
     /// A tch module whose weights are the part's tensors.
     Module(Box<dyn Module>),
     /// A function of the part's tensors and the activation.
-    Fn(Box<dyn Fn(&TensorSet, &Tensor) -> Tensor + Send>),
+    Fn(Box<LayerFn>),
 }
 
 /// A chain of layers over a [`Parted`] model, like tch's `nn::Sequential`:
