@@ -418,3 +418,69 @@ fn hooked_parts_stream_in_the_forwards_order_and_release_on_panic() {
     fail.store(false, Ordering::SeqCst);
     assert_close(&net.forward(&input()), &want, "after the panic");
 }
+
+/// Commits on a parted model: each weight change goes to the part holding its
+/// weight, survives the part's eviction to disk (the model is 4x the budget),
+/// and reverts bit for bit; a failing commit leaves nothing behind.
+#[test]
+fn commits_patch_the_parts_that_hold_their_weights() {
+    use sire::Commit;
+    let dir = tempfile::tempdir().unwrap();
+    let ts = layers(8, 13);
+    let path = write(dir.path(), &ts);
+    let (pools, _d) = pools(2 * PART);
+    let m = pools
+        .manage_parts(TensorSet::from_safetensors(&path).unwrap(), Split::TopLevel, ManageOptions::new())
+        .unwrap();
+    assert_eq!(m.tensor_names().len(), 16);
+    tch::manual_seed(14);
+    let (a1, b1) = (
+        Tensor::randn([2, 64], (Kind::Float, Device::Cpu)),
+        Tensor::randn([ROWS, 2], (Kind::Float, Device::Cpu)),
+    );
+    let d6 = Tensor::randn([64], (Kind::Float, Device::Cpu));
+    let commit =
+        Commit::squash([Commit::lora("l1.w", a1.copy(), b1.copy(), 0.5), Commit::delta("l6.b", d6.copy())])
+            .named("tune");
+    let id = m.commit(commit).unwrap();
+    assert_eq!(m.parts()[1].commits().len(), 1);
+    assert_eq!(m.parts()[6].commits().len(), 1);
+    assert!(m.parts().iter().enumerate().all(|(i, p)| i == 1 || i == 6 || p.commits().is_empty()));
+    let info = m.commits();
+    assert_eq!((info.len(), info[0].id, info[0].label.as_str()), (1, id, "tune"));
+    assert_eq!(info[0].targets, ["l1.w", "l6.b"]);
+    // The oracle: the same changes on plain tensors.
+    let mut patched: Vec<(String, Tensor)> = ts.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+    for (n, t) in patched.iter_mut() {
+        if n == "l1.w" {
+            *t = &*t + (&b1 * 0.5).mm(&a1);
+        } else if n == "l6.b" {
+            *t = &*t + &d6;
+        }
+    }
+    let forward: Vec<usize> = (0..8).collect();
+    for round in 0..2 {
+        assert_close(&pass(&m, &forward), &plain(&patched, &forward), &format!("patched, pass {round}"));
+    }
+    assert_eq!(m.revert(), Some(id));
+    assert!(m.commits().is_empty() && m.parts().iter().all(|p| p.commits().is_empty()));
+    let base = pass(&m, &forward);
+    assert!(base.equal(&plain(&ts, &forward)), "reverted bit for bit");
+    assert_eq!(m.revert(), None);
+
+    // All or nothing.
+    let e = m.commit(Commit::delta("l9.w", Tensor::zeros([1], (Kind::Float, Device::Cpu)))).unwrap_err();
+    assert!(matches!(e, sire::Error::UnknownTensor { ref name, .. } if name == "l9.w"), "{e}");
+    let closure = Commit::closure("flag", || Ok::<(), std::io::Error>(()), || Ok::<(), std::io::Error>(()));
+    let e = m.commit(closure).unwrap_err();
+    assert!(e.to_string().contains("belongs to no part"), "{e}");
+    let bad = Commit::squash([
+        Commit::delta("l0.b", Tensor::ones([64], (Kind::Float, Device::Cpu))),
+        Commit::delta("l3.b", Tensor::ones([65], (Kind::Float, Device::Cpu))),
+    ]);
+    let e = m.commit(bad).unwrap_err();
+    assert!(matches!(e, sire::Error::ShapeMismatch { .. }), "{e}");
+    assert!(m.commits().is_empty() && m.parts().iter().all(|p| p.commits().is_empty()), "a share was left");
+    assert!(pass(&m, &forward).equal(&base));
+    check_invariants(&pools.stats());
+}

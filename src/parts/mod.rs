@@ -21,8 +21,8 @@ pub use run::{hook_parts, HookedParts, Sequential};
 
 use crate::error::panic_message;
 use crate::{
-    auto_manage_owned, prefetch, Error, Location, ManageOptions, Managed, OwnedGuard, Prefetch,
-    ResourcePoolManagement, ResourceUser, Result, TensorSet,
+    auto_manage_owned, prefetch, Commit, CommitId, CommitInfo, Error, Location, ManageOptions, Managed,
+    OwnedGuard, Prefetch, ResourcePoolManagement, ResourceUser, Result, TensorSet,
 };
 
 /// How [`ResourcePoolManagement::manage_parts`] cuts a model into parts.
@@ -66,7 +66,16 @@ pub struct Parted {
     /// The execution order last observed (part indices, repeats kept);
     /// empty before the first pass.
     order: Mutex<Vec<usize>>,
+    /// The commits pushed through [`Parted::commit`], oldest first.
+    commits: Mutex<Vec<PartedCommit>>,
     pools: ResourcePoolManagement,
+}
+
+/// A commit of the whole model: one commit on each part it changes.
+struct PartedCommit {
+    info: CommitInfo,
+    /// (part, the id of its share of the commit).
+    shares: Vec<(usize, CommitId)>,
 }
 
 impl std::fmt::Debug for Parted {
@@ -132,7 +141,15 @@ impl ResourcePoolManagement {
             .zip(&names)
             .map(|(s, part)| self.manage_with(s, opts.clone().name(format!("{name}/{part}"))))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Parted { name, names, parts, owner, order: Mutex::new(Vec::new()), pools: self.clone() })
+        Ok(Parted {
+            name,
+            names,
+            parts,
+            owner,
+            order: Mutex::new(Vec::new()),
+            commits: Mutex::new(Vec::new()),
+            pools: self.clone(),
+        })
     }
 
     /// The first of `Parted`, `Parted#2`… that is no model's name and no
@@ -280,6 +297,102 @@ impl Parted {
     /// pass that changed it took them); empty before the first pass.
     pub fn order(&self) -> Vec<usize> {
         self.order.lock().clone()
+    }
+
+    /// The names of the model's tensors, part after part (as commits and
+    /// [`Lora::to_commit`](crate::Lora::to_commit) name them).
+    pub fn tensor_names(&self) -> Vec<String> {
+        self.parts.iter().flat_map(Managed::tensor_names).collect()
+    }
+
+    /// Pushes a commit onto the model: each weight change goes to the part
+    /// that holds its weight (one commit per part changed, taking effect
+    /// when a pass next takes that part, like [`Managed::commit`]; an evicted
+    /// part comes back with its patches). Returns the id of the whole
+    /// commit, for [`Parted::revert`].
+    ///
+    /// All or nothing: a weight no part holds is [`Error::UnknownTensor`], a
+    /// closure ([`Commit::closure`]) belongs to no part and is
+    /// [`Error::InvalidCommit`] (commit it to one part through
+    /// [`Parted::parts`]), and a part refusing its share (a shape mismatch)
+    /// takes back the shares already pushed.
+    ///
+    /// ```
+    /// # fn main() -> sire::Result<()> {
+    /// use sire::{Commit, ManageOptions, Split, TensorSet};
+    /// use tch::{kind::FLOAT_CPU, Tensor};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let pools = sire::ResourcePoolManagement::builder().cuda(false).env(false)
+    /// #     .cpu_budget(1 << 20).spill_dir(dir.path()).build()?;
+    /// let set = TensorSet::new((0..3).map(|i| (format!("l{i}.w"), Tensor::zeros([4], FLOAT_CPU))))?;
+    /// let model = pools.manage_parts(set, Split::TopLevel, ManageOptions::new())?;
+    /// let both = Commit::squash([
+    ///     Commit::delta("l0.w", Tensor::ones([4], FLOAT_CPU)),
+    ///     Commit::delta("l2.w", Tensor::ones([4], FLOAT_CPU)),
+    /// ]);
+    /// let id = model.commit(both)?; // one share on `l0`, one on `l2`
+    /// let sum = |model: &sire::Parted| -> sire::Result<f64> {
+    ///     let mut pass = model.stream();
+    ///     let mut total = 0.0;
+    ///     for i in 0..3 {
+    ///         total += pass.part(i)?.get(&format!("l{i}.w")).unwrap().sum(tch::Kind::Float).double_value(&[]);
+    ///     }
+    ///     Ok(total)
+    /// };
+    /// assert_eq!(sum(&model)?, 8.0);
+    /// assert_eq!(model.revert(), Some(id));
+    /// assert_eq!(sum(&model)?, 0.0);
+    /// # Ok(()) }
+    /// ```
+    pub fn commit(&self, commit: Commit) -> Result<CommitId> {
+        let mut stack = self.commits.lock();
+        let label = commit.label().to_string();
+        let targets: Vec<String> = commit.targets().map(str::to_string).collect();
+        let split = commit.split_by(&self.name, |t| self.part_of(t))?;
+        let mut shares: Vec<(usize, CommitId)> = Vec::with_capacity(split.len());
+        for (p, c) in split {
+            match self.parts[p].commit(c) {
+                Ok(id) => shares.push((p, id)),
+                Err(e) => {
+                    for &(q, id) in shares.iter().rev() {
+                        let popped = self.parts[q].revert();
+                        debug_assert_eq!(popped, Some(id));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let id = CommitId::fresh();
+        stack.push(PartedCommit { info: CommitInfo { id, label, targets, closures: 0 }, shares });
+        Ok(id)
+    }
+
+    /// Pops the newest commit pushed by [`Parted::commit`] (its share on
+    /// every part) and returns its id, or `None` if there is none. Takes
+    /// effect when a pass next takes each part.
+    pub fn revert(&self) -> Option<CommitId> {
+        let c = self.commits.lock().pop()?;
+        for &(p, id) in c.shares.iter().rev() {
+            // The share is the newest commit on the part unless the part's own
+            // handle was committed to since; then it goes with what followed it.
+            if self.parts[p].revert_to(id).is_ok() {
+                self.parts[p].revert();
+            }
+        }
+        Some(c.info.id)
+    }
+
+    /// Reverts every commit of every part: the next pass sees the base
+    /// weights, bit for bit.
+    pub fn revert_all(&self) {
+        let mut stack = self.commits.lock();
+        stack.clear();
+        self.parts.iter().for_each(Managed::revert_all);
+    }
+
+    /// The commits pushed by [`Parted::commit`], oldest first.
+    pub fn commits(&self) -> Vec<CommitInfo> {
+        self.commits.lock().iter().map(|c| c.info.clone()).collect()
     }
 
     /// Starts a pass over the model: see [`Stream`].

@@ -75,6 +75,13 @@ impl fmt::Display for CommitId {
 
 static NEXT_COMMIT: AtomicU64 = AtomicU64::new(1);
 
+impl CommitId {
+    /// A new id, unique in the process.
+    pub(crate) fn fresh() -> CommitId {
+        CommitId(NEXT_COMMIT.fetch_add(1, Relaxed))
+    }
+}
+
 /// A change to a managed model: LoRA factors, a weight delta, a replacement
 /// weight, a pair of apply/revert closures, or several of these squashed into
 /// one unit. Push it with [`Managed::commit`](crate::Managed::commit).
@@ -223,6 +230,45 @@ impl Commit {
     pub fn named(mut self, label: impl Into<String>) -> Commit {
         self.label = label.into();
         self
+    }
+
+    /// Splits the commit by the part that holds each weight (`owner` says
+    /// which, `None` for a weight no part holds): one commit per part, in the
+    /// order the parts first appear, each keeping its weights' order and the
+    /// label. A closure belongs to no part: it is an error, as is an unknown
+    /// weight (`model` names the model in the error).
+    pub(crate) fn split_by(
+        self,
+        model: &str,
+        owner: impl Fn(&str) -> Option<usize>,
+    ) -> Result<Vec<(usize, Commit)>> {
+        let mut out: Vec<(usize, Commit)> = Vec::new();
+        for part in self.parts {
+            let p = match &part {
+                Part::Weight { target, .. } => owner(target)
+                    .ok_or_else(|| Error::UnknownTensor { model: model.into(), name: target.clone() })?,
+                Part::Closure { .. } => {
+                    return Err(Error::InvalidCommit {
+                        model: model.into(),
+                        reason: format!(
+                            "`{}` holds a closure, which belongs to no part: commit it to one part \
+                             (`parts()[i].commit`)",
+                            self.label
+                        ),
+                    })
+                }
+            };
+            match out.iter_mut().find(|(q, _)| *q == p) {
+                Some((_, c)) => c.parts.push(part),
+                None => out.push((p, Commit { label: self.label.clone(), parts: vec![part] })),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The commit's label.
+    pub(crate) fn label(&self) -> &str {
+        &self.label
     }
 
     /// The weights this commit changes, in order (a weight may appear twice).
@@ -399,7 +445,7 @@ pub(crate) fn resolve(model: &str, index: &Index, c: Commit) -> Result<CommitRec
             }
         }
     }
-    Ok(CommitRecord { id: CommitId(NEXT_COMMIT.fetch_add(1, Relaxed)), label: c.label, parts })
+    Ok(CommitRecord { id: CommitId::fresh(), label: c.label, parts })
 }
 
 // --------------------------------------------------------------------- stacks
