@@ -381,4 +381,19 @@ int sire_module_named_buffers(void* module,
     return SIRE_OK;
   });
 }
+// Calls `f(ctx, name, child)` for every direct submodule of the TorchScript
+// module `module`, in registration order. `child` is a new
+// `torch::jit::Module*` (a handle on the same submodule object: its methods
+// compute with the parent's tensors); the callee owns it and frees it as
+// torch-sys's `atm_free` does (`delete`).
+int sire_module_children(void* module, void (*f)(void*, const char*, void*),
+                         void* ctx, char** err) {
+  return guarded(err, [&] {
+    const auto* m = static_cast<const torch::jit::Module*>(module);
+    for (const auto& c : m->named_children()) {
+      f(ctx, c.name.c_str(), new torch::jit::Module(c.value));
+    }
+    return SIRE_OK;
+  });
+}
 }  // extern "C"

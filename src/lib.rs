@@ -35,7 +35,7 @@ pub use managed::{
     try_auto_manage, Batch, Guard, Managed, ModelHandle, OwnedGuard, Prefetch,
 };
 pub use options::{ManageOptions, OffloadPolicy};
-pub use parts::{hook_parts, HookedParts, Parted, Sequential, Split, Stream};
+pub use parts::{hook_parts, HookedParts, Parted, ScriptParts, Sequential, Split, Stream};
 pub use patch::commit::{BoxError, Commit, CommitId, CommitInfo};
 pub use patch::lora::Lora;
 pub use runtime::{setup_default_pools, stats, Builder, ResourcePoolManagement};

@@ -484,3 +484,36 @@ fn commits_patch_the_parts_that_hold_their_weights() {
     assert!(pass(&m, &forward).equal(&base));
     check_invariants(&pools.stats());
 }
+
+/// A traced `nn.Sequential` (fixture `tests/data/ts_seq.pt`, written by
+/// PyTorch with `tests/data/make_ts_seq.py`) registered in parts, one per
+/// submodule, streams through a budget of two blocks (about a third of the
+/// model) with PyTorch's output, buffers (batch-norm statistics) included.
+#[test]
+fn a_torchscript_sequential_streams_by_submodule() {
+    use tch::nn::Module;
+    let data = |n: &str| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(n);
+    let module = tch::CModule::load(data("ts_seq.pt")).unwrap();
+    let io = Tensor::read_safetensors(data("ts_seq_io.safetensors")).unwrap();
+    let get = |n: &str| io.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
+    let (x, y) = (get("x"), get("y"));
+    let block = (64 * 64 + 64 + 4 * 64) * 4 + 8; // linear, batch norm (3 float buffers, 1 i64)
+    let (pools, _d) = pools(2 * block + 64);
+    let m = pools.manage_script_parts(module, ManageOptions::new().name("seq")).unwrap();
+    assert_eq!(m.children(), ["0", "1", "2", "3", "4", "5", "6"]);
+    assert_eq!(m.parted().part_names(), ["0", "1", "2", "4", "5", "6"], "the ReLU has no tensor");
+    assert_eq!(m.parted().size_bytes(), 6 * block);
+    assert!(m.child("3").is_some_and(|(_, part)| part.is_none()));
+    assert_eq!(m.child("4").map(|(_, p)| p), Some(Some(3)));
+    for round in 0..3 {
+        let before = pools.stats().bytes_from_disk;
+        let got = m.forward(&x);
+        assert!(got.allclose(&y, 1e-5, 1e-6, false), "round {round}: {got:?} != {y:?}");
+        assert!(pools.stats().bytes_from_disk - before >= 4 * block, "round {round} streamed from disk");
+        check_invariants(&pools.stats());
+        assert!(m.parted().parts().iter().all(|p| p.use_count() == 0));
+    }
+    let e = m.try_forward(&Tensor::zeros([4, 63], (Kind::Float, Device::Cpu))).unwrap_err();
+    assert!(matches!(e, sire::Error::Torch(_)), "a TorchScript error is an error: {e}");
+    assert!(m.parted().parts().iter().all(|p| p.use_count() == 0), "released after the error");
+}

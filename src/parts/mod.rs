@@ -12,12 +12,14 @@
 //! pass needs first.
 
 mod run;
+mod script;
 
 use std::collections::HashMap;
 
 use parking_lot::Mutex;
 
 pub use run::{hook_parts, HookedParts, Sequential};
+pub use script::ScriptParts;
 
 use crate::error::panic_message;
 use crate::{

@@ -150,6 +150,12 @@ pub(crate) mod shim {
             ctx: *mut c_void,
             err: *mut *mut c_char,
         ) -> c_int;
+        pub(crate) fn sire_module_children(
+            module: *mut c_void,
+            f: extern "C" fn(*mut c_void, *const c_char, *mut c_void),
+            ctx: *mut c_void,
+            err: *mut *mut c_char,
+        ) -> c_int;
         pub(crate) fn sire_empty(
             dims: *const i64,
             ndims: usize,
@@ -393,13 +399,7 @@ pub(crate) fn release_free_memory() {
 /// `tch` exposes only a module's parameters.
 pub(crate) fn module_buffers(m: &tch::CModule) -> crate::Result<Vec<(String, tch::Tensor)>> {
     use std::ffi::{c_char, c_void, CStr};
-    // tch's `CModule` is a struct whose one field is the `torch::jit::Module*`
-    // that torch-sys's `atm_load` returned (private to tch). A size change of
-    // the struct (a field added) stops the build here.
-    const _: () = assert!(std::mem::size_of::<tch::CModule>() == std::mem::size_of::<*mut c_void>());
-    // SAFETY: by the assertion above `CModule` is exactly one pointer-sized
-    // field, the module pointer, valid while `m` lives; it is only read.
-    let module: *mut c_void = unsafe { *(m as *const tch::CModule as *const *mut c_void) };
+    let module = module_ptr(m);
 
     extern "C" fn push(ctx: *mut c_void, name: *const c_char, t: *mut torch_sys::C_tensor) {
         // SAFETY: `ctx` is the `Vec` passed below, alive and not aliased during
@@ -419,6 +419,48 @@ pub(crate) fn module_buffers(m: &tch::CModule) -> crate::Result<Vec<(String, tch
     let st =
         unsafe { shim::sire_module_named_buffers(module, push, &mut out as *mut _ as *mut c_void, &mut err) };
     shim::shim_status("named_buffers", st, err)?;
+    Ok(out)
+}
+
+// tch's `CModule` is a struct whose one field is the `torch::jit::Module*`
+// that torch-sys's `atm_load` returned (private to tch). A size change of the
+// struct (a field added) stops the build here.
+const _: () = assert!(std::mem::size_of::<tch::CModule>() == std::mem::size_of::<*mut std::ffi::c_void>());
+
+/// The `torch::jit::Module*` inside a `CModule`, valid while `m` lives.
+fn module_ptr(m: &tch::CModule) -> *mut std::ffi::c_void {
+    // SAFETY: by the assertion above `CModule` is exactly one pointer-sized
+    // field, the module pointer, valid while `m` lives; it is only read.
+    unsafe { *(m as *const tch::CModule as *const *mut std::ffi::c_void) }
+}
+
+/// The direct submodules of a TorchScript module, in registration order, each
+/// a `CModule` of its own that computes with the parent's tensors (`tch` can
+/// call only a module's own methods).
+pub(crate) fn module_children(m: &tch::CModule) -> crate::Result<Vec<(String, tch::CModule)>> {
+    use std::ffi::{c_char, c_void, CStr};
+
+    extern "C" fn push(ctx: *mut c_void, name: *const c_char, child: *mut c_void) {
+        // SAFETY: `ctx` is the `Vec` passed below, alive and not aliased during
+        // the call; `name` is a NUL-terminated string valid for this call;
+        // `child` is a new `torch::jit::Module*` the shim hands over, which
+        // becomes the one field of a `CModule` (same layout, asserted above),
+        // freed by its `Drop` as tch frees a module it loaded.
+        unsafe {
+            let out = &mut *(ctx as *mut Vec<(String, tch::CModule)>);
+            let name = CStr::from_ptr(name).to_string_lossy().into_owned();
+            out.push((name, std::mem::transmute::<*mut c_void, tch::CModule>(child)));
+        }
+    }
+
+    let mut out: Vec<(String, tch::CModule)> = Vec::new();
+    let mut err: *mut c_char = std::ptr::null_mut();
+    // SAFETY: the module pointer is live while `m` is; `push` matches the
+    // callback's C signature and `ctx` points to `out`, which outlives the call.
+    let st = unsafe {
+        shim::sire_module_children(module_ptr(m), push, &mut out as *mut _ as *mut c_void, &mut err)
+    };
+    shim::shim_status("named_children", st, err)?;
     Ok(out)
 }
 
