@@ -343,7 +343,7 @@ fn three_callers_and_a_failed_load() {
 /// hit on the load, or its own load) and never sleeps through the notification.
 #[test]
 fn an_async_waiter_shares_the_load() {
-    explore("coalesce: blocking + async caller", Some(2), || {
+    explore("coalesce: blocking + async caller", Some(3), || {
         let e = Arc::new(Engine::new(0));
         let t = {
             let e = e.clone();
