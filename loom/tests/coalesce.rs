@@ -32,9 +32,9 @@
 //! Broken variants loom catches (checked by hand, not committed):
 //! - delete the `moving` check in `acquire` (a caller does not wait for the
 //!   load under way): two loads run at once ("two loads at once");
-//! - publish without marking the lock changed (in `acquire`, write
-//!   `lk.quiet().moving = false` instead of `lk.st().moving = false`): no
-//!   notification, loom reports a deadlock;
+//! - publish without marking the lock changed (in `acquire_locked`, write
+//!   `let st = lk.quiet();` instead of `let st = lk.st();` at the publish):
+//!   nothing notifies, loom reports a deadlock;
 //! - enable the async listener after the attempt instead of before (move
 //!   `let seen = e.enable();` below the `poll_acquire` call): the load's
 //!   notification falls between them and the async waiter sleeps for ever
@@ -186,11 +186,12 @@ impl Engine {
             // Not ready, not moving: reserve the load.
             lk.st().moving = true;
             let res = lk.unlocked(|| self.move_in());
-            // Publish.
-            lk.st().moving = false;
+            // `Reservation::publish`: the residency it ended with (a change).
+            let st = lk.st();
+            st.moving = false;
+            st.resident = res.is_ok();
             return Some(match res {
                 Ok(()) => {
-                    lk.st().resident = true;
                     self.word.store(READY | 1, SeqCst);
                     Outcome::Loaded
                 }
