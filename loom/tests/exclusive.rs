@@ -36,13 +36,16 @@
 //!    next one in the queue (loom reports a deadlock if it does), and at the end
 //!    nobody holds a turn, nobody queues, and no switch is marked under way.
 //!
-//! The broken variant loom catches (checked by hand, not committed): let the
-//! cancelled switch give its turn back before the switch ends, as the async
-//! fetch did before the switch became one blocking task (in `async_fetch`,
-//! `Switch` arm, put `if f.cancelled() { drop(permit.take()); }` before
-//! `f.switch(..)`): the next fetch offloads the previous model before the
-//! orphaned load puts the cancelled one on the device ("two models on the
-//! shared device").
+//! Broken variants loom catches (checked by hand, not committed):
+//! - a cancelled waiter leaves the queue without waking the others (in
+//!   `Future::run`, delete the `s.turn.wake();` after the `queue.retain`, i.e.
+//!   `Queued::drop`'s wake): the fetch of C, queued behind it, sleeps for ever
+//!   (deadlock in `a_cancelled_fetch_never_blocks_the_next`);
+//! - let a cancelled switch give its turn back before the switch ends, as the
+//!   async fetch did before the switch became one blocking task (in the
+//!   `Switch` arm of `Future::run`, drop the permit when `self.cancelled()` and
+//!   run the switch without it: a few lines): the fetch of C offloads B before
+//!   the orphaned switch loads it ("two models on the shared device").
 //!
 //! A real defect this model found (see `README.md`): an async fetch admitted to
 //! *join* a model that is not on the device (its last load failed, or the

@@ -28,14 +28,19 @@
 //! 3. the pool never holds more than its budget, and at the end holds exactly
 //!    the last model loaded.
 //!
-//! The broken variant loom catches (checked by hand, not committed): count the
-//! waiter *after* looking, i.e. in `acquire` move `let _counted = e.count();`
-//! to just before the `Room::Wait` arm's `lk.wait()`. The release then reads
+//! Broken variants loom catches (checked by hand, not committed): count the
+//! waiter *after* looking, i.e. in `acquire` move `let _counted = self.count();`
+//! into the `Room::Wait` arm (`Room::Wait => { let _c = self.count(); lk.wait() }`).
+//! The release then reads
 //! `waiting() == 0` between the waiter's look and its count, does not notify,
 //! and loom reports a deadlock (`guard_drop_wakes_a_waiter_for_room`).
 //! Notifying from `Locked::drop` without `Deferred::idle` counting as a
 //! change (`drain` not setting `changed`) is caught the same way by
-//! `a_release_under_the_lock_wakes_a_waiter_for_room`.
+//! `a_release_under_the_lock_wakes_a_waiter_for_room`. Reading the use count
+//! with a plain load in `uses_for_waiter` (`self.state.load(SeqCst)` instead
+//! of `fetch_add(0, SeqCst)`) is caught too: loom's `SeqCst` does not give the
+//! store-buffer ordering a plain load would rely on, which is why the real
+//! code uses a read-modify-write.
 //!
 //! Run: `cd loom && RUSTFLAGS="--cfg loom" cargo test --release --test room -- --nocapture`
 

@@ -31,7 +31,8 @@
 //! Broken variants loom catches (checked by hand, not committed):
 //! - in `admit`, join holders without checking their stack (`same && (...)`
 //!   becomes `true && (...)`): a rebase rewrites the weights under the other
-//!   variant's use ("rebase under a running use");
+//!   variant's use (loom fails "the stack changed under a use" or "rebase
+//!   under a running use");
 //! - `leave` without the notification (delete `self.cond.notify_all();` in
 //!   `leave`): the queued variant sleeps for ever (deadlock);
 //! - drop the nested-guard rule (`me.is_some() && s.holders.contains(&me)`
