@@ -265,7 +265,8 @@ impl Shared {
         };
         drop(st);
         self.turn.wake();
-        let permit = Permit { turn: &self.turn, switching: matches!(admit, Admit::Switch { .. }), holder: me };
+        let permit =
+            Permit { turn: &self.turn, switching: matches!(admit, Admit::Switch { .. }), holder: me };
         match admit {
             Admit::Switch { prev } => self.switch(id, prev, permit),
             Admit::Join => {
@@ -321,8 +322,7 @@ impl Future {
                 return None;
             }
         };
-        let permit =
-            Permit { turn: &s.turn, switching: matches!(admit, Admit::Switch { .. }), holder: None };
+        let permit = Permit { turn: &s.turn, switching: matches!(admit, Admit::Switch { .. }), holder: None };
         let guard = match (admit, join) {
             // The switch task runs to its end whether or not the future is still there.
             (Admit::Switch { prev }, _) => s.switch(id, prev, permit),
