@@ -49,6 +49,19 @@ pub async fn auto_manage_async<T: Send + Sync + 'static>(m: &Managed<T>) -> Resu
     auto_manage_async_timeout(m, timeout).await
 }
 
+/// A guard on `m` if it is ready on its runtime location and has no commit:
+/// no bytes move, so this runs on the caller's thread; `None` otherwise.
+pub(crate) fn hit_owned<T>(m: &Managed<T>) -> Option<OwnedGuard<T>> {
+    let inner = &m.pools().inner;
+    if m.has_commits() {
+        return None;
+    }
+    let u = inner.hit(m.core())?;
+    // The model got its first commit meanwhile: the commit path, not a hit.
+    let u = OwnedUse::from_use(u, inner.clone(), m.core().clone());
+    (!m.has_commits_after_acquire()).then(|| m.adopt_use(u))
+}
+
 /// Like [`auto_manage_async`], waiting at most `timeout` for room, then failing
 /// with [`Error::OutOfMemory`].
 pub async fn auto_manage_async_timeout<T: Send + Sync + 'static>(
@@ -56,13 +69,8 @@ pub async fn auto_manage_async_timeout<T: Send + Sync + 'static>(
     timeout: Duration,
 ) -> Result<OwnedGuard<T>> {
     let inner = &m.pools().inner;
-    if !m.has_commits() {
-        if let Some(u) = inner.hit(m.core()) {
-            if !m.has_commits_after_acquire() {
-                return Ok(m.adopt_use(OwnedUse::from_use(u, inner.clone(), m.core().clone())));
-            }
-            // The model got its first commit meanwhile: take the commit path.
-        }
+    if let Some(g) = hit_owned(m) {
+        return Ok(g);
     }
     if m.has_commits() {
         // The commit path (variant turns, rebases) blocks: run it whole on the

@@ -190,8 +190,21 @@ impl SharedModelManager {
         let m = self.typed::<T>(id)?;
         let deadline = Deadline::after(self.inner.pools.inner.wait_timeout);
         let (mut permit, admit) = self.inner.turn.enter_async(id, deadline).await?;
+        let timeout = self.inner.pools.inner.wait_timeout;
         let Admit::Switch { prev } = admit else {
-            let guard = crate::auto_manage_async(&m).await?;
+            // Joining the occupant: a hit moves nothing. Otherwise (the
+            // occupant was evicted while idle, or its last load failed) the
+            // load runs as one task that owns the turn, as a switch does: a
+            // load that outlived a dropped future could otherwise put this
+            // model back beside the next switch's.
+            if let Some(guard) = crate::asyncs::hit_owned(&m) {
+                return Ok(ExclusiveGuard { guard, _permit: permit, id: id.to_string() });
+            }
+            let (guard, permit) = crate::asyncs::blocking(move || -> Result<_> {
+                let guard = m.owned_timeout(timeout)?;
+                Ok((guard, permit))
+            })
+            .await??;
             return Ok(ExclusiveGuard { guard, _permit: permit, id: id.to_string() });
         };
         // The switch (offload the previous occupant, load this model) runs as
@@ -201,7 +214,6 @@ impl SharedModelManager {
         // races a load that is still under way.
         let prev = prev.map(|p| self.model(&p)).transpose()?;
         let (turn, id_owned) = (self.inner.turn.clone(), id.to_string());
-        let timeout = self.inner.pools.inner.wait_timeout;
         let (guard, permit) = crate::asyncs::blocking(move || -> Result<_> {
             if let Some(prev) = prev {
                 offload_within(&*prev, deadline)?;
