@@ -666,16 +666,16 @@ mod tests {
         let pools = ResourcePoolManagement::builder()
             .cuda(false)
             .env(false)
-            .cpu_budget((256 + 6) << 20)
+            .cpu_budget((16 + 6) << 20)
             .spill_dir(dir.path())
-            .wait_timeout(Duration::from_secs(20))
+            .wait_timeout(Duration::from_secs(60))
             .listener(move |e| {
                 if e.kind == EventKind::Offloaded && *v2.lock().unwrap() == e.model {
                     let (m, cv) = &*g2;
                     let mut st = m.lock().unwrap();
                     st.0 = true;
                     cv.notify_all();
-                    let _ = cv.wait_timeout_while(st, Duration::from_secs(10), |s| !s.1).unwrap();
+                    let _ = cv.wait_timeout_while(st, Duration::from_secs(60), |s| !s.1).unwrap();
                 }
             })
             .build()
@@ -684,14 +684,14 @@ mod tests {
         let big = |n: i64| TensorSet::new([("w", Tensor::ones([n * MIB / 4], FLOAT_CPU))]).unwrap();
         let b = shared.add(big(8)).unwrap();
         let c = shared.add(big(8)).unwrap();
-        let x = pools.manage(big(256)).unwrap(); // idle, resident: B's load must evict it
+        let x = pools.manage(big(16)).unwrap(); // idle, resident (b and c made room): b's load must evict it
         assert_eq!(x.location(), Location::Cpu);
         *victim.lock().unwrap() = x.name().to_owned();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let fetch = shared.fetch_model_async::<TensorSet>(&b);
             tokio::pin!(fetch);
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
             loop {
                 tokio::select! {
                     r = &mut fetch => panic!("the fetch of b ended ({:?}) before it evicted x", r.map(drop)),
