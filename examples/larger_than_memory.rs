@@ -4,6 +4,11 @@
 //! prints what was read from disk and which parts stayed resident.
 //!
 //! Run: `cargo run --release --example larger_than_memory`.
+//!
+//! With `SIRE_TRACE=trace.json` it also writes a Chrome/Perfetto trace of every
+//! part use, prefetch, load, offload and the compute, with their threads (open
+//! it in <https://ui.perfetto.dev>); `scripts/trace-plot.py trace.json
+//! timeline.png` draws it as a timeline (the picture in the README).
 
 use sire::{Location, ManageOptions, ResourcePoolManagement, Split, TensorSet};
 use tch::{Device, Kind, Tensor};
@@ -12,7 +17,27 @@ const LAYERS: usize = 8;
 const WIDTH: i64 = 1024; // each layer: 1024² f32 = 4 MiB
 const MIB: u64 = 1 << 20;
 
+/// Log lines as `RUST_LOG` says (default: warnings); with `SIRE_TRACE=<file>`,
+/// also a Chrome/Perfetto trace, written when the returned guard drops.
+fn logging() -> Option<tracing_chrome::FlushGuard> {
+    use tracing_subscriber::prelude::*;
+    let filter =
+        tracing_subscriber::EnvFilter::new(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
+    let fmt = tracing_subscriber::fmt::layer().with_filter(filter);
+    let (chrome, guard) = match std::env::var_os("SIRE_TRACE") {
+        Some(path) => {
+            let (layer, guard) =
+                tracing_chrome::ChromeLayerBuilder::new().file(path).include_args(true).build();
+            (Some(layer), Some(guard))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry().with(fmt).with(chrome).init();
+    guard
+}
+
 fn main() -> sire::Result<()> {
+    let _trace = logging();
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("model.safetensors");
     tch::manual_seed(0);
@@ -43,13 +68,14 @@ fn main() -> sire::Result<()> {
         model_bytes / 2 / MIB
     );
 
-    let x = Tensor::randn([WIDTH, 16], (Kind::Float, Device::Cpu));
+    let x = Tensor::randn([WIDTH, 64], (Kind::Float, Device::Cpu));
     for pass in 1..=2 {
         let before = pools.stats().bytes_from_disk;
         let mut stream = model.stream();
         let mut h = x.shallow_clone();
         for i in 0..model.len() {
             let part = stream.part(i)?;
+            let _compute = tracing::info_span!("compute", layer = i).entered();
             h = part.get(&format!("layers.{i}.weight")).expect("weight").mm(&h).relu();
         }
         let loaded = stream.loaded().to_vec();

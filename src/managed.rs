@@ -596,6 +596,7 @@ pub fn prefetch<T: Send + Sync + 'static>(m: &Managed<T>) -> Prefetch<T> {
         .collect();
     let consumers = crate::engine::transfer::consumer_streams(&devices);
     let thread = std::thread::Builder::new().name(format!("sire-prefetch-{name}")).spawn(move || {
+        let _span = tracing::debug_span!("sire.prefetch", model = %m.name()).entered();
         let timeout = m.shared.pools.inner.wait_timeout;
         crate::engine::transfer::as_prefetch(consumers, || m.owned_timeout(timeout))
     });

@@ -415,6 +415,7 @@ impl Parted {
         Stream {
             parted: self,
             current: None,
+            span: None,
             next: None,
             expected,
             pos: None,
@@ -480,6 +481,9 @@ fn is_resident(m: &Managed<TensorSet>) -> bool {
 pub struct Stream<'a> {
     parted: &'a Parted,
     current: Option<(usize, OwnedGuard<TensorSet>)>,
+    /// The `sire.part` span of the current part, entered on the thread that
+    /// took it until the part is released (a trace shows the part's use).
+    span: Option<tracing::Span>,
     next: Option<(usize, Pending)>,
     /// The order expected (from earlier passes).
     expected: Vec<usize>,
@@ -530,7 +534,7 @@ impl Stream<'_> {
         if self.current.as_ref().is_none_or(|(c, _)| *c != i) {
             self.release();
             let guard = match self.next.take() {
-                Some((j, pending)) if j == i => match pending.wait() {
+                Some((j, pending)) if j == i => match pending.wait_traced() {
                     Ok(g) => g,
                     // The prefetch failed: try again here, for the error.
                     Err(_) => auto_manage_owned(&parts[i])?,
@@ -548,6 +552,9 @@ impl Stream<'_> {
             };
             self.advance(i);
             self.current = Some((i, guard));
+            let span = tracing::debug_span!("sire.part", model = %parts[i].name(), part = i);
+            span.with_subscriber(|(id, dispatch)| dispatch.enter(id));
+            self.span = Some(span);
             self.prefetch_after(i);
         }
         Ok(&self.current.as_ref().expect("taken above").1)
@@ -623,6 +630,9 @@ impl Stream<'_> {
     /// is needed last by the next pass), where least recently used first
     /// would evict each part just before it is needed again.
     fn release(&mut self) {
+        if let Some(span) = self.span.take() {
+            span.with_subscriber(|(id, dispatch)| dispatch.exit(id));
+        }
         if let Some((c, guard)) = self.current.take() {
             let k = self.released.min(self.window - 1);
             self.parted.parts[c].set_last_used(self.base + self.window - 1 - k);
@@ -653,6 +663,7 @@ impl Pending {
         std::thread::Builder::new()
             .name(format!("sire-prefetch-{name}"))
             .spawn(move || {
+                let _span = tracing::debug_span!("sire.prefetch", model = %m.name()).entered();
                 let g = auto_manage_owned(&m)?;
                 for (_, t) in g.tensors() {
                     if t.defined() && t.numel() > 0 {
@@ -664,6 +675,16 @@ impl Pending {
             })
             .ok()
             .map(|h| Pending::Host(h, name))
+    }
+
+    /// [`Pending::wait`] for the part the stream takes next, seen in a trace
+    /// as a `sire.wait` span (the time the compute waited for the transfer).
+    fn wait_traced(self) -> Result<OwnedGuard<TensorSet>> {
+        let span = match &self {
+            Pending::Device(_) => tracing::debug_span!("sire.wait"),
+            Pending::Host(_, model) => tracing::debug_span!("sire.wait", model = %model),
+        };
+        span.in_scope(|| self.wait())
     }
 
     /// Waits for the prefetch and returns its guard.
