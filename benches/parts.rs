@@ -1,0 +1,256 @@
+//! A model twice the host budget, streamed in parts (issue 15), against its
+//! floor and against mapping every weight, in one run. The model: 16 layers
+//! of `[2048, 2048]` f32 (16 MiB each, 256 MiB; `SIRE_PARTS_LAYERS` sets the
+//! count) in one safetensors file; a pass computes `h ← tanh(W·h)` through
+//! the layers in order, `h` of shape `[2048, 64]`. Each iteration is one pass.
+//!
+//! - `sire`: the file registered with `manage_parts` (one part a layer) in
+//!   pools with a host budget of half the model; a pass is a `Stream` (next
+//!   part prefetched on a background thread). Between passes half the model
+//!   stays resident; each pass streams the other half (measured, printed).
+//! - `mmap`: what a Python user does: the file mapped once (`memmap2`), every
+//!   weight a tensor over the mapping, the page cache paging it: no budget
+//!   (the whole model ends up resident in the process).
+//! - `floor_compute`: the pass with every weight in memory (the compute floor).
+//! - `floor_read`: reading, sequentially with `read`, the bytes sire streams in
+//!   a pass, from the same file (the transfer floor).
+//!
+//! The floor of a pass is max(`floor_read`, `floor_compute`). `warm`: the file
+//! in the page cache. `cold`: the file dropped from the page cache before each
+//! pass (`posix_fadvise(DONTNEED)`, which leaves pages mapped by the process:
+//! sire's resident half and nothing of `mmap`, which maps afresh each pass).
+//!
+//! Peak memory: `SIRE_PARTS_RSS=sire` (or `mmap`) runs 5 passes instead of the
+//! benchmark and prints the growth of the peak resident set (VmHWM) over the
+//! model's size and the budget.
+//!
+//! Run: `source scripts/env.sh && cargo bench --bench parts`, then
+//! `SIRE_PARTS_RSS=sire cargo bench --bench parts` and `SIRE_PARTS_RSS=mmap …`.
+
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use criterion::{BatchSize, Criterion};
+use sire::{ManageOptions, Parted, ResourcePoolManagement, Split, TensorSet};
+use tch::{Device, Kind, Tensor};
+
+const D: i64 = 2048;
+const BATCH: i64 = 64;
+const LAYER_BYTES: u64 = (D * D * 4) as u64;
+
+fn layers() -> usize {
+    std::env::var("SIRE_PARTS_LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(16)
+}
+
+fn write_model(dir: &Path) -> PathBuf {
+    let path = dir.join("model.safetensors");
+    tch::manual_seed(0);
+    let ts: Vec<(String, Tensor)> = (0..layers())
+        .map(|i| (format!("l{i}.w"), Tensor::randn([D, D], (Kind::Float, Device::Cpu)) / (D as f64).sqrt()))
+        .collect();
+    Tensor::write_safetensors(&ts, &path).unwrap();
+    path
+}
+
+fn input() -> Tensor {
+    tch::manual_seed(1);
+    Tensor::randn([D, BATCH], (Kind::Float, Device::Cpu))
+}
+
+fn layer(w: &Tensor, h: &Tensor) -> Tensor {
+    w.mm(h).tanh()
+}
+
+/// Drops the file's pages from the page cache (those not mapped by a process).
+fn drop_cache(path: &Path) {
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: a valid descriptor; advice only.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+}
+
+fn sire_model(path: &Path, spill: &Path) -> (ResourcePoolManagement, Parted) {
+    let pools = ResourcePoolManagement::builder()
+        .cuda(false)
+        .env(false)
+        .cpu_budget(layers() as u64 * LAYER_BYTES / 2)
+        .spill_dir(spill)
+        .build()
+        .unwrap();
+    let prefixes = (0..layers()).map(|i| format!("l{i}.")).collect();
+    let set = TensorSet::from_safetensors(path).unwrap();
+    let m = pools.manage_parts(set, Split::Prefixes(prefixes), ManageOptions::new().name("net")).unwrap();
+    (pools, m)
+}
+
+fn sire_pass(m: &Parted, x: &Tensor) -> Tensor {
+    let mut s = m.stream();
+    let mut h = x.shallow_clone();
+    for i in 0..m.len() {
+        let p = s.part(i).unwrap();
+        h = layer(&p.get(&format!("l{i}.w")).unwrap(), &h);
+    }
+    h
+}
+
+/// The file mapped, every weight a tensor over the mapping (no copy).
+struct Mapped {
+    _map: memmap2::Mmap,
+    weights: Vec<Tensor>,
+}
+
+fn mapped(path: &Path) -> Mapped {
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: the benchmark's own file, not modified while mapped.
+    let map = unsafe { memmap2::Mmap::map(&f).unwrap() };
+    let st = safetensors::SafeTensors::deserialize(&map).unwrap();
+    let weights = (0..layers())
+        .map(|i| {
+            let v = st.tensor(&format!("l{i}.w")).unwrap();
+            // SAFETY: the view lies in the mapping, which `Mapped` keeps alive
+            // as long as the tensors; f32, contiguous, [D, D].
+            unsafe { Tensor::from_blob(v.data().as_ptr(), &[D, D], &[D, 1], Kind::Float, Device::Cpu) }
+        })
+        .collect();
+    Mapped { _map: map, weights }
+}
+
+fn mapped_pass(m: &Mapped, x: &Tensor) -> Tensor {
+    m.weights.iter().fold(x.shallow_clone(), |h, w| layer(w, &h))
+}
+
+fn status_mib(field: &str) -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+/// `SIRE_PARTS_RSS`: 5 passes of one system, peak resident memory growth.
+fn rss(system: &str) {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = write_model(dir.path());
+    let x = input();
+    let model_mib = (layers() as u64 * LAYER_BYTES) as f64 / 1048576.0;
+    // Reset the peak to the current resident set (writing the model used memory).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let start = status_mib("VmRSS:");
+    let y = match system {
+        "sire" => {
+            let (_pools, m) = sire_model(&path, dir.path());
+            (0..5).map(|_| sire_pass(&m, &x)).last().unwrap()
+        }
+        "mmap" => {
+            let m = mapped(&path);
+            (0..5).map(|_| mapped_pass(&m, &x)).last().unwrap()
+        }
+        other => panic!("SIRE_PARTS_RSS={other}: sire or mmap"),
+    };
+    let peak = status_mib("VmHWM:");
+    println!(
+        "RESULT system={system} model_mib={model_mib:.0} budget_mib={:.0} rss_start_mib={start:.1} \
+         peak_rss_mib={peak:.1} growth_mib={:.1} checksum={:.6}",
+        model_mib / 2.0,
+        peak - start,
+        y.sum(Kind::Double).double_value(&[])
+    );
+}
+
+fn main() {
+    if let Ok(system) = std::env::var("SIRE_PARTS_RSS") {
+        rss(&system);
+        return;
+    }
+    let mut c = Criterion::default()
+        .configure_from_args()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(8));
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = write_model(dir.path());
+    let x = input();
+
+    // sire, and how many bytes a pass streams at steady state.
+    let (pools, sire) = sire_model(&path, dir.path());
+    let want = mapped_pass(&mapped(&path), &x);
+    for _ in 0..2 {
+        assert!(
+            sire_pass(&sire, &x).allclose(&want, 1e-5, 1e-5, false),
+            "sire's pass differs from the mapped one"
+        );
+    }
+    let before = pools.stats().bytes_from_disk;
+    let _ = sire_pass(&sire, &x);
+    let streamed = pools.stats().bytes_from_disk - before;
+    println!(
+        "parts: {} layers, {} MiB, budget {} MiB; a pass streams {} MiB",
+        layers(),
+        layers() as u64 * LAYER_BYTES >> 20,
+        layers() as u64 * LAYER_BYTES / 2 >> 20,
+        streamed >> 20
+    );
+
+    let in_memory: Vec<Tensor> = mapped(&path).weights.iter().map(Tensor::copy).collect();
+    let file = std::fs::File::open(&path).unwrap();
+    let mut buf = vec![0u8; 8 << 20];
+    let len = std::fs::metadata(&path).unwrap().len();
+    let read_streamed = |buf: &mut Vec<u8>| {
+        // The last `streamed` bytes of the file, sequentially.
+        let mut off = len - streamed;
+        while off < len {
+            let n = file.read_at(buf, off).unwrap();
+            assert!(n > 0);
+            off += n as u64;
+        }
+    };
+
+    for mode in ["warm", "cold"] {
+        let cold = mode == "cold";
+        let mut g = c.benchmark_group(format!("parts_{mode}"));
+        g.bench_function("floor_compute", |b| {
+            b.iter(|| in_memory.iter().fold(x.shallow_clone(), |h, w| layer(w, &h)))
+        });
+        g.bench_function("floor_read", |b| {
+            b.iter_batched(
+                || {
+                    if cold {
+                        drop_cache(&path)
+                    }
+                },
+                |()| read_streamed(&mut buf),
+                BatchSize::PerIteration,
+            )
+        });
+        g.bench_function("sire", |b| {
+            b.iter_batched(
+                || {
+                    if cold {
+                        drop_cache(&path)
+                    }
+                },
+                |()| sire_pass(&sire, &x),
+                BatchSize::PerIteration,
+            )
+        });
+        if cold {
+            g.bench_function("mmap", |b| {
+                b.iter_batched(
+                    || {
+                        drop_cache(&path);
+                        mapped(&path)
+                    },
+                    |m| mapped_pass(&m, &x),
+                    BatchSize::PerIteration,
+                )
+            });
+        } else {
+            let m = mapped(&path);
+            g.bench_function("mmap", |b| b.iter(|| mapped_pass(&m, &x)));
+        }
+        g.finish();
+    }
+    c.final_summary();
+}
