@@ -141,11 +141,11 @@ fn rss(system: &str) {
     let y = match system {
         "sire" => {
             let (_pools, m) = sire_model(&path, dir.path());
-            (0..5).map(|_| sire_pass(&m, &x)).last().unwrap()
+            (0..5).fold(x.shallow_clone(), |_, _| sire_pass(&m, &x))
         }
         "mmap" => {
             let m = mapped(&path);
-            (0..5).map(|_| mapped_pass(&m, &x)).last().unwrap()
+            (0..5).fold(x.shallow_clone(), |_, _| mapped_pass(&m, &x))
         }
         other => panic!("SIRE_PARTS_RSS={other}: sire or mmap"),
     };
@@ -188,8 +188,8 @@ fn main() {
     println!(
         "parts: {} layers, {} MiB, budget {} MiB; a pass streams {} MiB",
         layers(),
-        layers() as u64 * LAYER_BYTES >> 20,
-        layers() as u64 * LAYER_BYTES / 2 >> 20,
+        (layers() as u64 * LAYER_BYTES) >> 20,
+        (layers() as u64 * LAYER_BYTES / 2) >> 20,
         streamed >> 20
     );
 
