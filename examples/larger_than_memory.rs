@@ -9,6 +9,8 @@
 //! part use, prefetch, load, offload and the compute, with their threads (open
 //! it in <https://ui.perfetto.dev>); `scripts/trace-plot.py trace.json
 //! timeline.png` draws it as a timeline (the picture in the README).
+//! `SIRE_COLD=1` drops the model file from the page cache before each pass
+//! (`posix_fadvise`), so the prefetches read from the disk itself.
 
 use sire::{Location, ManageOptions, ResourcePoolManagement, Split, TensorSet};
 use tch::{Device, Kind, Tensor};
@@ -69,7 +71,11 @@ fn main() -> sire::Result<()> {
     );
 
     let x = Tensor::randn([WIDTH, 64], (Kind::Float, Device::Cpu));
+    let cold = std::env::var_os("SIRE_COLD").is_some_and(|v| v != "0");
     for pass in 1..=2 {
+        if cold {
+            drop_cache(&path)?;
+        }
         let before = pools.stats().bytes_from_disk;
         let mut stream = model.stream();
         let mut h = x.shallow_clone();
@@ -93,4 +99,15 @@ fn main() -> sire::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Drops the file's pages from the page cache (those no process maps).
+fn drop_cache(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    // SAFETY: a valid descriptor for the duration of the call; advice only.
+    match unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) } {
+        0 => Ok(()),
+        e => Err(std::io::Error::from_raw_os_error(e)),
+    }
 }
