@@ -255,3 +255,42 @@ fn a_prefetch_copies_back_a_written_victim_after_the_callers_kernels() {
     assert_eq!(home.min().double_value(&[]), 7.0, "the copy-back ran before the caller's fill");
     drop(gb);
 }
+
+/// A model twice a CUDA budget, in 8 parts, streamed part by part from its
+/// host copies (the next part prefetched through `sire::prefetch`, its copy on
+/// a side stream): the outputs equal the same layers on the CPU, every pass
+/// copies at least the shortfall to the device, the budget holds after every
+/// part, and a part released while its kernels may still run is evicted only
+/// after them (the output stays right over many passes).
+#[test]
+fn a_model_twice_the_cuda_budget_streams_in_parts() {
+    use sire::{Split, TensorSet};
+    const D: i64 = 1024;
+    let layer_bytes = (D * D * 4) as u64;
+    let p = gpu_pools(4 * layer_bytes);
+    tch::manual_seed(21);
+    let ws: Vec<(String, Tensor)> = (0..8)
+        .map(|i| (format!("l{i}.w"), Tensor::randn([D, D], (Kind::Float, Device::Cpu)) / (D as f64).sqrt()))
+        .collect();
+    let x = Tensor::randn([D, 32], (Kind::Float, Device::Cpu));
+    let want = ws.iter().fold(x.shallow_clone(), |h, (_, w)| w.mm(&h).tanh());
+    let set = TensorSet::new(ws.iter().map(|(n, w)| (n.clone(), w.copy()))).unwrap();
+    let m = p.manage_parts(set, Split::TopLevel, ManageOptions::new().name("net")).unwrap();
+    assert_eq!(m.parts()[0].runtime(), Location::Cuda(0));
+    for pass in 0..5 {
+        let before = p.stats().bytes_host_to_device;
+        let mut s = m.stream();
+        let mut h = x.to_device(Device::Cuda(0));
+        for i in 0..8 {
+            let part = s.part(i).unwrap();
+            assert_eq!(part.device(), Device::Cuda(0));
+            h = part.get(&format!("l{i}.w")).unwrap().mm(&h).tanh();
+            check_invariants(&p.stats());
+        }
+        drop(s);
+        let got = h.to_device(Device::Cpu);
+        assert!(got.allclose(&want, 1e-4, 1e-5, false), "pass {pass}: the streamed output differs");
+        let copied = p.stats().bytes_host_to_device - before;
+        assert!(copied >= 4 * layer_bytes, "pass {pass}: copied {copied} bytes, the shortfall is 4 layers");
+    }
+}
