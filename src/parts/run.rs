@@ -60,23 +60,22 @@ pub fn hook_parts<F>(model: Parted, f: F) -> HookedParts
 where
     F: Fn(&mut Stream<'_>, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 {
-    HookedParts { model, f: Box::new(f), output: None, grad: false }
+    HookedParts { model, f: Box::new(f), fwd: Forward::default() }
 }
 
 /// A self-streaming parted model; see [`hook_parts`].
 pub struct HookedParts {
     model: Parted,
     f: Box<PassFn>,
-    output: Option<Device>,
-    grad: bool,
+    fwd: Forward,
 }
 
 impl fmt::Debug for HookedParts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HookedParts")
             .field("model", &self.model)
-            .field("output_device", &self.output)
-            .field("grad", &self.grad)
+            .field("output_device", &self.fwd.output)
+            .field("grad", &self.fwd.grad)
             .finish_non_exhaustive()
     }
 }
@@ -86,14 +85,14 @@ impl HookedParts {
     /// part computed it.
     #[must_use]
     pub fn output_device(mut self, device: Device) -> Self {
-        self.output = Some(device);
+        self.fwd.output = Some(device);
         self
     }
 
     /// Runs forwards with autograd on (`true`) or off (`false`, the default).
     #[must_use]
     pub fn with_grad(mut self, on: bool) -> Self {
-        self.grad = on;
+        self.fwd.grad = on;
         self
     }
 
@@ -111,12 +110,7 @@ impl HookedParts {
     /// failed move; or an error `f` returned). Every part is released before
     /// this returns, and by a panic in `f`.
     pub fn try_forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let y = {
-            let _no_grad = (!self.grad).then(tch::no_grad_guard);
-            let mut pass = self.model.stream();
-            (self.f)(&mut pass, xs)?
-        };
-        move_output(y, self.output)
+        self.fwd.run(|| (self.f)(&mut self.model.stream(), xs))
     }
 }
 
@@ -185,8 +179,7 @@ enum Layer {
 pub struct Sequential {
     model: Parted,
     layers: Vec<(usize, Layer)>,
-    output: Option<Device>,
-    grad: bool,
+    fwd: Forward,
 }
 
 impl fmt::Debug for Sequential {
@@ -195,8 +188,8 @@ impl fmt::Debug for Sequential {
         f.debug_struct("Sequential")
             .field("model", &self.model.name)
             .field("layers", &parts)
-            .field("output_device", &self.output)
-            .field("grad", &self.grad)
+            .field("output_device", &self.fwd.output)
+            .field("grad", &self.fwd.grad)
             .finish()
     }
 }
@@ -204,7 +197,7 @@ impl fmt::Debug for Sequential {
 impl Parted {
     /// An empty chain of layers over this model: see [`Sequential`].
     pub fn sequential(self) -> Sequential {
-        Sequential { model: self, layers: Vec::new(), output: None, grad: false }
+        Sequential { model: self, layers: Vec::new(), fwd: Forward::default() }
     }
 }
 
@@ -251,14 +244,14 @@ impl Sequential {
     /// part's device.
     #[must_use]
     pub fn output_device(mut self, device: Device) -> Self {
-        self.output = Some(device);
+        self.fwd.output = Some(device);
         self
     }
 
     /// Runs forwards with autograd on (`true`) or off (`false`, the default).
     #[must_use]
     pub fn with_grad(mut self, on: bool) -> Self {
-        self.grad = on;
+        self.fwd.grad = on;
         self
     }
 
@@ -271,8 +264,7 @@ impl Sequential {
     /// activation). Every part is released before this returns, and by a
     /// panic in a layer.
     pub fn try_forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let y = {
-            let _no_grad = (!self.grad).then(tch::no_grad_guard);
+        self.fwd.run(|| {
             let mut pass = self.model.stream();
             let mut h = xs.shallow_clone();
             for (i, layer) in &self.layers {
@@ -283,9 +275,8 @@ impl Sequential {
                     Layer::Fn(f) => f(part, &h),
                 };
             }
-            h
-        };
-        move_output(y, self.output)
+            Ok(h)
+        })
     }
 }
 
@@ -300,9 +291,27 @@ impl Module for Sequential {
     }
 }
 
-fn move_output(y: Tensor, to: Option<Device>) -> Result<Tensor> {
-    match to {
-        Some(d) => Ok(y.f_to_device(d)?),
-        None => Ok(y),
+/// How a self-streaming model runs its forwards: with autograd or not, and
+/// where the output goes.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Forward {
+    /// Move every output there (else it stays where it was computed).
+    pub(super) output: Option<Device>,
+    /// Autograd on (default off: inference mode).
+    pub(super) grad: bool,
+}
+
+impl Forward {
+    /// Runs `pass` (which streams the parts and ends its stream before it
+    /// returns) without autograd unless asked, then moves the output.
+    pub(super) fn run(&self, pass: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+        let y = {
+            let _no_grad = (!self.grad).then(tch::no_grad_guard);
+            pass()?
+        };
+        match self.output {
+            Some(d) => Ok(y.f_to_device(d)?),
+            None => Ok(y),
+        }
     }
 }

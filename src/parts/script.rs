@@ -16,6 +16,7 @@ use std::fmt;
 use tch::nn::Module;
 use tch::{CModule, Device, Tensor};
 
+use super::run::Forward;
 use super::{Parted, Split};
 use crate::{ManageOptions, ResourcePoolManagement, ResourceUser, Result, TensorSet};
 
@@ -28,8 +29,7 @@ pub struct ScriptParts {
     children: Vec<(String, CModule, Option<usize>)>,
     /// The whole module (kept alive: the submodules are handles into it).
     module: CModule,
-    output: Option<Device>,
-    grad: bool,
+    fwd: Forward,
 }
 
 impl fmt::Debug for ScriptParts {
@@ -37,8 +37,8 @@ impl fmt::Debug for ScriptParts {
         f.debug_struct("ScriptParts")
             .field("model", &self.model)
             .field("children", &self.children.iter().map(|(n, _, _)| n.as_str()).collect::<Vec<_>>())
-            .field("output_device", &self.output)
-            .field("grad", &self.grad)
+            .field("output_device", &self.fwd.output)
+            .field("grad", &self.fwd.grad)
             .finish_non_exhaustive()
     }
 }
@@ -69,7 +69,7 @@ impl ResourcePoolManagement {
                 (name, child, part)
             })
             .collect();
-        Ok(ScriptParts { model, children, module, output: None, grad: false })
+        Ok(ScriptParts { model, children, module, fwd: Forward::default() })
     }
 }
 
@@ -101,14 +101,14 @@ impl ScriptParts {
     /// part's device.
     #[must_use]
     pub fn output_device(mut self, device: Device) -> Self {
-        self.output = Some(device);
+        self.fwd.output = Some(device);
         self
     }
 
     /// Runs forwards with autograd on (`true`) or off (`false`, the default).
     #[must_use]
     pub fn with_grad(mut self, on: bool) -> Self {
-        self.grad = on;
+        self.fwd.grad = on;
         self
     }
 
@@ -118,8 +118,7 @@ impl ScriptParts {
     /// a failed move), or the submodule's own (a TorchScript error). Every
     /// part is released before this returns.
     pub fn try_forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let y = {
-            let _no_grad = (!self.grad).then(tch::no_grad_guard);
+        self.fwd.run(|| {
             let mut pass = self.model.stream();
             let mut h = xs.shallow_clone();
             for (_, child, part) in &self.children {
@@ -128,12 +127,8 @@ impl ScriptParts {
                 }
                 h = child.forward_ts(&[&h])?;
             }
-            h
-        };
-        match self.output {
-            Some(d) => Ok(y.f_to_device(d)?),
-            None => Ok(y),
-        }
+            Ok(h)
+        })
     }
 }
 
