@@ -9,6 +9,9 @@
 //!
 //! Run: `bash scripts/demo.sh` (or `cargo run --release --example demo`).
 
+#[path = "support/trace.rs"]
+mod trace;
+
 use std::sync::Mutex;
 
 use sire::{Commit, Location, ManageOptions, Managed, ResourcePoolManagement};
@@ -46,29 +49,8 @@ fn mlp(seed: i64) -> Mlp {
     Mlp { vs, net: Mutex::new(net) }
 }
 
-/// Log lines as `RUST_LOG` says (default: warnings); with `SIRE_TRACE=<file>`,
-/// also a Chrome/Perfetto trace of every load, prefetch, offload and spill
-/// (open it in <https://ui.perfetto.dev>, or draw it with
-/// `scripts/trace-plot.py`), written when the returned guard drops.
-fn logging() -> Option<tracing_chrome::FlushGuard> {
-    use tracing_subscriber::prelude::*;
-    let filter =
-        tracing_subscriber::EnvFilter::new(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
-    let fmt = tracing_subscriber::fmt::layer().with_filter(filter);
-    let (chrome, guard) = match std::env::var_os("SIRE_TRACE") {
-        Some(path) => {
-            let (layer, guard) =
-                tracing_chrome::ChromeLayerBuilder::new().file(path).include_args(true).build();
-            (Some(layer), Some(guard))
-        }
-        None => (None, None),
-    };
-    tracing_subscriber::registry().with(fmt).with(chrome).init();
-    guard
-}
-
 fn main() -> sire::Result<()> {
-    let _trace = logging();
+    let _trace = trace::init();
     let model_bytes = (2 * (HIDDEN * HIDDEN + HIDDEN) * 4) as u64;
     let budget = model_bytes * 5 / 2;
     let gpu = tch::Cuda::is_available();

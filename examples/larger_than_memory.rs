@@ -12,6 +12,9 @@
 //! `SIRE_COLD=1` drops the model file from the page cache before each pass
 //! (`posix_fadvise`), so the prefetches read from the disk itself.
 
+#[path = "support/trace.rs"]
+mod trace;
+
 use sire::{Location, ManageOptions, ResourcePoolManagement, Split, TensorSet};
 use tch::{Device, Kind, Tensor};
 
@@ -19,27 +22,8 @@ const LAYERS: usize = 8;
 const WIDTH: i64 = 1024; // each layer: 1024² f32 = 4 MiB
 const MIB: u64 = 1 << 20;
 
-/// Log lines as `RUST_LOG` says (default: warnings); with `SIRE_TRACE=<file>`,
-/// also a Chrome/Perfetto trace, written when the returned guard drops.
-fn logging() -> Option<tracing_chrome::FlushGuard> {
-    use tracing_subscriber::prelude::*;
-    let filter =
-        tracing_subscriber::EnvFilter::new(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
-    let fmt = tracing_subscriber::fmt::layer().with_filter(filter);
-    let (chrome, guard) = match std::env::var_os("SIRE_TRACE") {
-        Some(path) => {
-            let (layer, guard) =
-                tracing_chrome::ChromeLayerBuilder::new().file(path).include_args(true).build();
-            (Some(layer), Some(guard))
-        }
-        None => (None, None),
-    };
-    tracing_subscriber::registry().with(fmt).with(chrome).init();
-    guard
-}
-
 fn main() -> sire::Result<()> {
-    let _trace = logging();
+    let _trace = trace::init();
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("model.safetensors");
     tch::manual_seed(0);
