@@ -482,8 +482,9 @@ pub struct Stream<'a> {
     parted: &'a Parted,
     current: Option<(usize, OwnedGuard<TensorSet>)>,
     /// The `sire.part` span of the current part, entered on the thread that
-    /// took it until the part is released (a trace shows the part's use).
-    span: Option<tracing::Span>,
+    /// took it until the part is released (a trace shows the part's use),
+    /// with that thread.
+    span: Option<(tracing::Span, std::thread::ThreadId)>,
     next: Option<(usize, Pending)>,
     /// The order expected (from earlier passes).
     expected: Vec<usize>,
@@ -554,7 +555,7 @@ impl Stream<'_> {
             self.current = Some((i, guard));
             let span = tracing::debug_span!("sire.part", model = %parts[i].name(), part = i);
             span.with_subscriber(|(id, dispatch)| dispatch.enter(id));
-            self.span = Some(span);
+            self.span = Some((span, std::thread::current().id()));
             self.prefetch_after(i);
         }
         Ok(&self.current.as_ref().expect("taken above").1)
@@ -630,8 +631,13 @@ impl Stream<'_> {
     /// is needed last by the next pass), where least recently used first
     /// would evict each part just before it is needed again.
     fn release(&mut self) {
-        if let Some(span) = self.span.take() {
-            span.with_subscriber(|(id, dispatch)| dispatch.exit(id));
+        if let Some((span, thread)) = self.span.take() {
+            // Exited where it was entered (a subscriber keeps a stack of
+            // entered spans per thread). A stream moved to another thread
+            // between two parts leaves that part's span open in the trace.
+            if thread == std::thread::current().id() {
+                span.with_subscriber(|(id, dispatch)| dispatch.exit(id));
+            }
         }
         if let Some((c, guard)) = self.current.take() {
             let k = self.released.min(self.window - 1);
