@@ -517,3 +517,53 @@ fn a_torchscript_sequential_streams_by_submodule() {
     assert!(matches!(e, sire::Error::Torch(_)), "a TorchScript error is an error: {e}");
     assert!(m.parted().parts().iter().all(|p| p.use_count() == 0), "released after the error");
 }
+
+/// Another model's load evicts a parted model's idle parts, like any idle
+/// model's (only what it needs), and events and statistics name the parts
+/// `<model>/<part>`; the next pass reloads them and computes the same.
+#[test]
+fn other_models_evict_idle_parts_and_events_name_them() {
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let ts = layers(4, 15);
+    let path = write(dir.path(), &ts);
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let log = events.clone();
+    let pools = sire::ResourcePoolManagement::builder()
+        .cuda(false)
+        .env(false)
+        .cpu_budget(4 * PART)
+        .spill_dir(dir.path())
+        .listener(move |e| log.lock().unwrap().push(e.clone()))
+        .build()
+        .unwrap();
+    let m = pools
+        .manage_parts(
+            TensorSet::from_safetensors(&path).unwrap(),
+            Split::TopLevel,
+            ManageOptions::new().name("net"),
+        )
+        .unwrap();
+    let forward: Vec<usize> = (0..4).collect();
+    let want = plain(&ts, &forward);
+    assert_close(&pass(&m, &forward), &want, "first");
+    assert_eq!(m.resident().len(), 4, "the whole model fits: every part stays");
+    // Another model of two parts' size: two idle parts make room, no more.
+    let other = pools.manage(TensorSet::new(layers(2, 16)).unwrap()).unwrap();
+    let g = sire::auto_manage(&other).unwrap();
+    assert_eq!(m.resident().len(), 2, "exactly the shortfall was evicted");
+    let s = pools.stats();
+    check_invariants(&s);
+    let names: Vec<String> = residents(&s, Location::Cpu);
+    assert!(names.iter().filter(|n| n.starts_with("net/")).count() == 2, "{names:?}");
+    drop(g);
+    let offloaded: Vec<String> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == sire::EventKind::Offloaded && e.model.starts_with("net/"))
+        .map(|e| e.model.clone())
+        .collect();
+    assert_eq!(offloaded.len(), 2, "{offloaded:?}");
+    assert_close(&pass(&m, &forward), &want, "after the other model");
+}
