@@ -150,8 +150,12 @@ impl Drop for Mounted {
 }
 
 /// Mounts a tmpfs of `size` on `dir` when this process may (root in most
-/// containers); `None` otherwise.
+/// containers); `None` otherwise, or when `SIRE_FAULTS_NO_TMPFS` is set (to
+/// test the injected fallback).
 fn small_tmpfs(dir: &Path, size: &str) -> Option<Mounted> {
+    if std::env::var_os("SIRE_FAULTS_NO_TMPFS").is_some() {
+        return None;
+    }
     let ok = Command::new("mount")
         .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
         .arg(dir)
@@ -189,6 +193,43 @@ fn a_move_that_fails_half_way_leaves_the_model_whole_on_disk() {
         consistent(&p, &[&m, &other]);
         later(&p, &m, &reference(1, 2 * MIB), &other, &reference(2, MIB));
     }
+}
+
+/// The same fault in a prefetch and in a swap of the exclusive manager: the
+/// typed error reaches the caller, the manager's turnstile stays consistent
+/// (the next fetches work, one model at a time), the weights are intact.
+#[test]
+fn a_move_that_fails_half_way_in_a_prefetch_or_a_shared_swap() {
+    let _s = serial();
+    let root = tempfile::tempdir().unwrap();
+    let p = pools_at(root.path(), 64 * MIB, true);
+    let m = p.manage_with(model(13, 2 * MIB), named("m")).unwrap();
+    m.offload().unwrap();
+    faults::arm(Point::Copy, 1, Action::Fail);
+    assert!(matches!(sire::prefetch(&m).wait(), Err(Error::Torch(_))));
+    assert!(!faults::is_armed(Point::Copy));
+    assert_eq!(m.location(), Location::Disk);
+    consistent(&p, &[&m]);
+    drop(sire::prefetch(&m).wait().expect("a later prefetch"));
+    assert_eq!(weights(&m), reference(13, 2 * MIB));
+
+    let shared = sire::SharedModelManager::with_pools(p.clone());
+    shared.add_with_id("A", model(14, MIB)).unwrap();
+    shared.add_with_id("B", model(15, MIB)).unwrap();
+    drop(shared.fetch_model::<TensorSet>("A").unwrap()); // A is the occupant, B on disk
+    assert_eq!(shared.model_location("B").unwrap(), Location::Disk);
+    faults::arm(Point::Copy, 1, Action::Fail);
+    assert!(matches!(shared.fetch_model::<TensorSet>("B"), Err(Error::Torch(_))));
+    assert!(!faults::is_armed(Point::Copy));
+    assert_eq!(shared.model_location("B").unwrap(), Location::Disk, "B stays where it was");
+    check_invariants(&p.stats());
+    for (id, seed) in [("B", 15), ("A", 14), ("B", 15)] {
+        let g = shared.fetch_model::<TensorSet>(id).unwrap();
+        assert_eq!(digest(&g), reference(seed, MIB), "{id}");
+        let other = if id == "A" { "B" } else { "A" };
+        assert_ne!(shared.model_location(other).unwrap(), Location::Cpu, "one model at a time");
+    }
+    check_invariants(&p.stats());
 }
 
 /// A spill that runs out of disk: on a 1 MiB tmpfs when one can be mounted,
@@ -381,6 +422,32 @@ fn a_substituted_spill_file_is_refused() {
     assert_eq!(weights(&other), reference(8, MIB));
     std::fs::write(&fa, &genuine).unwrap();
     later(&p, &a, &changed, &other, &reference(8, MIB));
+}
+
+/// A spill file overwritten in place, then truncated, while its model is
+/// resident and copied in memory (`map_files(false)`): the resident weights
+/// are untouched; once the clean model has been offloaded (its spill file is
+/// then its only copy), the reload is `Corrupt` and the model stays on disk;
+/// the genuine file put back loads. (With `map_files(true)`, the default, a
+/// CPU model's tensors point into a private mapping of the file: a truncation
+/// faults the process with SIGBUS and an in-place write shows through pages
+/// not yet written, as `Builder::map_files` documents; see RELIABILITY.md.)
+#[test]
+fn a_spill_file_spoilt_under_its_resident_model() {
+    let _s = serial();
+    let root = tempfile::tempdir().unwrap();
+    let (p, a, other, fa) = two_spilled(root.path(), false);
+    let genuine = std::fs::read(&fa).unwrap();
+    assert_eq!(weights(&a), reference(7, 2 * MIB)); // resident, copied
+    let mut bad = genuine.clone();
+    let at = bad.len() / 2;
+    bad[at] ^= 0x40;
+    std::fs::write(&fa, &bad).unwrap();
+    assert_eq!(weights(&a), reference(7, 2 * MIB), "the resident copy is untouched");
+    std::fs::OpenOptions::new().write(true).open(&fa).unwrap().set_len(genuine.len() as u64 / 2).unwrap();
+    assert_eq!(weights(&a), reference(7, 2 * MIB), "the resident copy is untouched");
+    a.offload().unwrap(); // clean: nothing written, the (spoilt) file is its copy
+    refused_then_restored(&p, &a, &other, &fa, &genuine);
 }
 
 // ---------------------------------------------------------------------------
