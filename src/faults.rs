@@ -13,6 +13,7 @@
 
 /// A place where a fault can be injected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(not(feature = "faults"), allow(dead_code))] // DownloadRename without `registry`
 pub enum Point {
     /// Each tensor a move copies or maps: read from the disk tier into host
     /// memory, or copied to a CUDA device. Fails as CUDA out of memory does
@@ -24,6 +25,9 @@ pub enum Point {
     /// A spill file written and synced, just before it is renamed into place.
     /// Fails with `EIO`.
     SpillRename,
+    /// A registry download written and checked, just before it is renamed
+    /// into place. Fails with `EIO`.
+    DownloadRename,
 }
 
 /// What an armed point does when it is reached.
@@ -104,7 +108,7 @@ pub(crate) fn hit(point: Point) -> crate::Result<()> {
             )
             .into(),
             Point::SpillWrite => std::io::Error::from_raw_os_error(libc::ENOSPC).into(),
-            Point::SpillRename => std::io::Error::from_raw_os_error(libc::EIO).into(),
+            Point::SpillRename | Point::DownloadRename => std::io::Error::from_raw_os_error(libc::EIO).into(),
         }),
     }
 }

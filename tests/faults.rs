@@ -846,12 +846,16 @@ fn helper_process() {
             let _ = m.offload();
             unreachable!("killed before the rename");
         }
-        // Download the catalogue's model `m` (the parent kills this).
-        "download" => {
+        // Download the catalogue's model `m` (the parent kills this), or be
+        // killed just before the downloaded file's rename.
+        "download" | "download-kill-at-rename" => {
+            if what == "download-kill-at-rename" {
+                faults::arm(Point::DownloadRename, 0, Action::Kill);
+            }
             let reg = registry(arg.parent().unwrap(), &arg).build().unwrap();
             let _ = reg.download("m");
-            println!("DOWNLOADED");
             std::thread::sleep(Duration::from_secs(60));
+            unreachable!("killed before");
         }
         other => panic!("unknown helper {other:?}"),
     }
@@ -914,65 +918,112 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// A model served slowly by a local HTTP server, and a catalogue naming it.
+struct Served {
+    dir: tempfile::TempDir,
+    server: Server,
+    route: &'static str,
+    body: Vec<u8>,
+    catalogue: PathBuf,
+}
+
+impl Served {
+    /// Model 51 (1 MiB) as a safetensors file, sent 32 KiB every 40 ms.
+    fn new() -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("source.safetensors");
+        let set = model(51, MIB);
+        let tensors: Vec<(String, Tensor)> =
+            set.names().map(|n| (n.to_string(), set.get(n).unwrap())).collect();
+        Tensor::write_safetensors(&tensors, &src).unwrap();
+        let body = std::fs::read(&src).unwrap();
+        let sha: String = Sha256::digest(&body).iter().map(|b| format!("{b:02x}")).collect();
+        let server = Server::start();
+        let route = "/files/m.safetensors";
+        server.add(route, body.clone(), Fault::Slow { chunk: 32 << 10, delay: Duration::from_millis(40) });
+        let catalogue = dir.path().join("catalogue.json");
+        let entry = json!({ "m": {
+            "type": "safetensors",
+            "config": {
+                "files": [{ "path": "m/m.safetensors", "sha256": sha }],
+                "download": [{ "file_name": "m.safetensors", "file_path": "m", "file_url": server.url(route) }]
+            }
+        }});
+        std::fs::write(&catalogue, serde_json::to_string_pretty(&entry).unwrap()).unwrap();
+        Served { dir, server, route, body, catalogue }
+    }
+
+    /// The partial download, once it holds at least `min` bytes.
+    fn partial(&self, min: u64) -> Option<PathBuf> {
+        walk(&self.dir.path().join("cache"))
+            .into_iter()
+            .find(|p| p.to_string_lossy().ends_with(".incomplete"))
+            .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() >= min))
+    }
+
+    /// A new process's turn: the server mends, the model is loaded by key
+    /// into new pools; the file is whole and verified, no partial file is
+    /// left, and the model's weights are model 51's. Returns the requests
+    /// for the file the server saw.
+    fn load_in_a_new_process(&self) -> Vec<http::Seen> {
+        self.server.add(self.route, self.body.clone(), Fault::None);
+        let root = tempfile::tempdir().unwrap();
+        let p = pools_at(root.path(), 64 * MIB, true);
+        let reg = registry(self.dir.path(), &self.catalogue).pools(p.clone()).build().unwrap();
+        let LoadedModel::Tensors(m) = reg.load("m").unwrap() else { panic!("a safetensors model") };
+        assert!(reg.validate("m").unwrap().available);
+        assert!(self.partial(0).is_none(), "no partial file left");
+        let file = walk(&self.dir.path().join("cache"))
+            .into_iter()
+            .find(|p| p.ends_with("m/m.safetensors"))
+            .unwrap();
+        assert_eq!(std::fs::read(file).unwrap(), self.body, "the file is whole");
+        let other = p.manage_with(model(52, MIB), named("other")).unwrap();
+        later(&p, &m, &reference(51, MIB), &other, &reference(52, MIB));
+        self.server.seen().into_iter().filter(|s| s.path == self.route).collect()
+    }
+}
+
 /// A process killed (`SIGKILL`) in the middle of a download: the next
 /// process resumes the partial file where it stopped (its lock went with
 /// the process), checks the sha256, and loads the model with its weights.
 #[test]
 fn a_process_killed_during_a_download_resumes_and_verifies() {
     let _s = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("source.safetensors");
-    let set = model(51, MIB);
-    let tensors: Vec<(String, Tensor)> = set.names().map(|n| (n.to_string(), set.get(n).unwrap())).collect();
-    Tensor::write_safetensors(&tensors, &src).unwrap();
-    let body = std::fs::read(&src).unwrap();
-    let sha: String = Sha256::digest(&body).iter().map(|b| format!("{b:02x}")).collect();
-    let server = Server::start();
-    let route = "/files/m.safetensors";
-    server.add(route, body.clone(), Fault::Slow { chunk: 32 << 10, delay: Duration::from_millis(40) });
-    let cat = dir.path().join("catalogue.json");
-    let catalogue = json!({ "m": {
-        "type": "safetensors",
-        "config": {
-            "files": [{ "path": "m/m.safetensors", "sha256": sha }],
-            "download": [{ "file_name": "m.safetensors", "file_path": "m", "file_url": server.url(route) }]
-        }
-    }});
-    std::fs::write(&cat, serde_json::to_string_pretty(&catalogue).unwrap()).unwrap();
-
-    let mut child = helper("download", &cat).spawn().unwrap();
-    let partial = |min: u64| {
-        walk(&dir.path().join("cache"))
-            .into_iter()
-            .find(|p| p.to_string_lossy().ends_with(".incomplete"))
-            .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() >= min))
-    };
+    let served = Served::new();
+    let mut child = helper("download", &served.catalogue).spawn().unwrap();
     let t0 = Instant::now();
-    while partial(256 << 10).is_none() {
+    while served.partial(256 << 10).is_none() {
         assert!(t0.elapsed() < Duration::from_secs(60), "the child's download never got going");
         std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().unwrap(); // SIGKILL
     let status = child.wait().unwrap();
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
-    let cut = std::fs::metadata(partial(0).expect("the partial file stays")).unwrap().len();
-    assert!(cut < body.len() as u64, "killed before the end ({cut} bytes)");
-
-    server.add(route, body.clone(), Fault::None);
-    let root = tempfile::tempdir().unwrap();
-    let p = pools_at(root.path(), 64 * MIB, true);
-    let reg = registry(dir.path(), &cat).pools(p.clone()).build().unwrap();
-    let LoadedModel::Tensors(m) = reg.load("m").unwrap() else { panic!("a safetensors model") };
-    let gets: Vec<_> = server.seen().into_iter().filter(|s| s.path == route).collect();
+    let cut = std::fs::metadata(served.partial(0).expect("the partial file stays")).unwrap().len();
+    assert!(cut < served.body.len() as u64, "killed before the end ({cut} bytes)");
+    let gets = served.load_in_a_new_process();
     assert_eq!(
         gets.last().unwrap().range.as_deref(),
         Some(format!("bytes={cut}-").as_str()),
         "resumed where the killed process stopped: {gets:?}"
     );
-    assert!(reg.validate("m").unwrap().available);
-    assert!(partial(0).is_none(), "no partial file left");
-    let file = walk(&dir.path().join("cache")).into_iter().find(|p| p.ends_with("m/m.safetensors")).unwrap();
-    assert_eq!(std::fs::read(file).unwrap(), body, "the file is whole");
-    let other = p.manage_with(model(52, MIB), named("other")).unwrap();
-    later(&p, &m, &reference(51, MIB), &other, &reference(52, MIB));
+}
+
+/// A process killed (`SIGKILL`) after its download was written and checked,
+/// just before the rename into place: the next process does not trust the
+/// unrenamed file (its sidecar is gone), downloads it again, checks it, and
+/// loads the model.
+#[test]
+fn a_process_killed_between_a_downloads_check_and_rename_downloads_again() {
+    let _s = serial();
+    let served = Served::new();
+    served.server.add(served.route, served.body.clone(), Fault::None);
+    let out = helper("download-kill-at-rename", &served.catalogue).output().unwrap();
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{:?}", out.status);
+    let left = served.partial(0).expect("the checked, unrenamed file");
+    assert_eq!(std::fs::metadata(left).unwrap().len(), served.body.len() as u64);
+    let gets = served.load_in_a_new_process();
+    assert_eq!(gets.len(), 2, "{gets:?}");
+    assert_eq!(gets[1].range, None, "downloaded again from the start: {gets:?}");
 }
