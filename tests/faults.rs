@@ -624,6 +624,49 @@ fn a_panic_inside_a_commits_revert() {
     t.consistent();
 }
 
+/// Failed moves of a model that carries commits: a spill that fills the disk
+/// (the patches were taken off first), a load that fails half way, and the
+/// same for a variant's switch. Each is a typed error; the next guard gets
+/// exactly its stack (base + delta, or the base bit for bit).
+#[test]
+fn a_failed_move_of_a_patched_model_keeps_its_stack() {
+    let _s = serial();
+    let t = Patched::new();
+    let d1: Vec<f32> = (0..64).map(|i| (i % 7) as f32 * 0.25).collect();
+    t.m.commit(Commit::delta("w", w(&d1))).unwrap();
+    let patched = Patched::bits(&t.expected(&[&d1]));
+    assert_eq!(Patched::bits(&t.values()), patched);
+
+    faults::arm(Point::SpillWrite, 0, Action::Fail);
+    match t.m.offload() {
+        Err(Error::File { source, .. }) => assert_eq!(source.kind(), std::io::ErrorKind::StorageFull),
+        other => panic!("expected Error::File, got {other:?}"),
+    }
+    assert_eq!(t.m.location(), Location::Cpu);
+    t.consistent();
+    assert_eq!(Patched::bits(&t.values()), patched, "the patches are back on");
+
+    t.m.offload().unwrap();
+    faults::arm(Point::Copy, 0, Action::Fail);
+    assert!(matches!(auto_manage(&t.m), Err(Error::Torch(_))));
+    assert_eq!(t.m.location(), Location::Disk);
+    t.consistent();
+    assert_eq!(Patched::bits(&t.values()), patched);
+
+    let v = t.m.variant();
+    v.revert(); // the base
+    t.m.offload().unwrap();
+    faults::arm(Point::Copy, 0, Action::Fail);
+    assert!(matches!(auto_manage(&v), Err(Error::Torch(_))));
+    assert!(!faults::is_armed(Point::Copy));
+    t.consistent();
+    let base = Vec::<f32>::try_from(&auto_manage(&v).unwrap().get("w").unwrap()).unwrap();
+    assert_eq!(Patched::bits(&base), Patched::bits(&t.base), "the variant: the base, bit for bit");
+    assert_eq!(Patched::bits(&t.values()), patched, "and back to the commit");
+    assert_eq!(weights(&t.other), reference(11, MIB));
+    t.consistent();
+}
+
 /// A hooked module whose forward panics (an input of the wrong shape): the
 /// guard is released, the weights are the module's, later forwards give the
 /// plain module's outputs bit for bit.
