@@ -805,7 +805,7 @@ fn a_panic_inside_a_pool_init() {
         })
         .unwrap();
     assert_eq!(pool.devices().len(), 1);
-    match &pool.init_failures()[..] {
+    match pool.init_failures() {
         [Error::DeviceInit { message, .. }] => assert!(message.contains("init panics"), "{message}"),
         other => panic!("expected one DeviceInit, got {other:?}"),
     }
