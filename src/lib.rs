@@ -8,6 +8,11 @@ mod engine;
 mod error;
 mod events;
 mod exclusive;
+#[cfg(feature = "faults")]
+#[doc(hidden)]
+pub mod faults;
+#[cfg(not(feature = "faults"))]
+mod faults;
 mod hook;
 mod location;
 mod managed;

@@ -329,6 +329,7 @@ impl Transfer {
             let copies = match &d.pack {
                 // One copy of the whole packed home, then views.
                 Some(flat) => {
+                    crate::faults::hit(crate::faults::Point::Copy)?;
                     let dev = flat.f_to_device_(c.device(), Kind::Uint8, true, false)?;
                     record_for_consumer(&dev)?;
                     let (offsets, _) = pack_layout(&d.groups);
@@ -342,6 +343,7 @@ impl Transfer {
                     .groups
                     .iter()
                     .map(|g| {
+                        crate::faults::hit(crate::faults::Point::Copy)?;
                         let t = g.current().f_to_device_(c.device(), g.kind, true, false)?;
                         record_for_consumer(&t)?;
                         Ok(t)

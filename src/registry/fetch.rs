@@ -378,6 +378,7 @@ impl Registry {
     /// records its sha256.
     fn install(&self, partial: &Path, target: &Path, sha256: &str) -> Result<()> {
         let err = |e| Error::Cache { path: target.to_path_buf(), source: e };
+        crate::faults::hit(crate::faults::Point::DownloadRename)?;
         fs::rename(partial, target).map_err(err)?;
         cache::sync_dir(target.parent().unwrap_or(Path::new("."))).map_err(err)?;
         let meta = fs::metadata(target).map_err(err)?;

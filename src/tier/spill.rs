@@ -46,6 +46,7 @@ use tch::{Device, Kind, Tensor};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::error::{fmt_bytes, Error, Result};
+use crate::faults::{self, Point};
 use crate::tier::ffi;
 use map::{map_tensors, Stamp};
 
@@ -166,6 +167,7 @@ fn write_with(path: &Path, tensors: &[(String, Tensor)], identity: Option<&Ident
         Err(Error::Io(e)) if is_disk_full(&e) => return Err(disk_full(&tmp, total, &e).into()),
         Err(e) => return Err(e),
     }
+    faults::hit(Point::SpillRename)?;
     tmp.commit(path)?;
     Ok(total)
 }
@@ -173,6 +175,7 @@ fn write_with(path: &Path, tensors: &[(String, Tensor)], identity: Option<&Ident
 /// Writes the header and the data of `slots` to the temporary file and syncs it.
 fn fill(tmp: &TempFile, slots: &[Slot<'_>], placeholder: &[u8], identity: Option<&Identity>) -> Result<()> {
     let mut out = BufWriter::with_capacity(WRITE_BUFFER, &tmp.file);
+    faults::hit(Point::SpillWrite)?;
     out.write_all(&(placeholder.len() as u64).to_le_bytes())?;
     out.write_all(placeholder)?;
     let checksums = slots.iter().map(|slot| write_data(&mut out, slot.tensor)).collect::<Result<Vec<_>>>()?;
@@ -1068,6 +1071,7 @@ fn write_data(out: &mut impl Write, tensor: &Tensor) -> Result<u64> {
         // meanwhile.
         let bytes = unsafe { std::slice::from_raw_parts(tensor.data_ptr().cast::<u8>(), len) };
         for chunk in bytes.chunks(CHUNK) {
+            faults::hit(Point::SpillWrite)?;
             hasher.update(chunk);
             out.write_all(chunk)?;
         }
@@ -1109,6 +1113,7 @@ impl Copier<'_> {
     /// its checksum and recorded hash if it has them, and releases the file's
     /// pages behind it. Returns the tensor and, if computed, its bytes' xxh3.
     fn tensor(&mut self, job: &Job<'_>, given: Option<Tensor>) -> Result<(Tensor, Option<u64>)> {
+        faults::hit(Point::Copy)?;
         let corrupt = |detail: String| Error::Corrupt { path: self.path.to_owned(), detail };
         let fresh = given.is_none();
         let tensor = match given {

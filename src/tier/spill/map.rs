@@ -125,6 +125,7 @@ pub(super) fn map_tensors(
     let owner = std::sync::Arc::new(Mapping(map));
     let mut out: Vec<Option<Tensor>> = jobs.iter().map(|_| None).collect();
     for job in jobs {
+        crate::faults::hit(crate::faults::Point::Copy)?;
         // SAFETY: `job.range` lies inside the mapping (checked against the
         // file's length when the header was read) and is aligned for
         // `job.kind` (checked above); the mapping is private and writable,
