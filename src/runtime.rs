@@ -240,8 +240,12 @@ impl Builder {
     ///
     /// Off, every load copies the file into fresh memory. A mapped file must
     /// not be truncated by another process while mapped (as with any
-    /// mapping, that would fault the process); replacing it (a new file
-    /// renamed over it) is safe.
+    /// mapping, that kills the process with `SIGBUS`), nor written in place
+    /// (the resident weights would change under the model until its next
+    /// load, which refuses the file as corrupt); replacing it (a new file
+    /// renamed over it) is safe. Where other processes may write the files in
+    /// place (a shared folder), turn mapping off. `tests/faults.rs` shows
+    /// both cases.
     pub fn map_files(mut self, on: bool) -> Self {
         self.map_files = on;
         self
