@@ -8,6 +8,9 @@ mod engine;
 mod error;
 mod events;
 mod exclusive;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod hook;
 mod location;
 mod managed;
