@@ -7,13 +7,16 @@
 # fuzz/corpus/<target>/ and writes what it adds to a scratch corpus, so the
 # committed one only changes by hand (add a crash input there, with a test).
 # A crash leaves its input in fuzz/artifacts/<target>/ and fails the script.
-# Prints the executions per target. The fuzz build has its own target folder
-# (fuzz/target, or $SIRE_FUZZ_TARGET_DIR).
+# Prints the executions per target.
 #
-# No sanitizer (`--sanitizer none`): AddressSanitizer on a binary linking
-# libtorch fails at start-up (libtorch's CUDA libraries are not built for it),
-# and sire's parsers are safe Rust: the fuzzer looks for panics, overflows
-# (debug assertions are on), allocation failures (-malloc_limit_mb) and hangs.
+# The targets are built as cargo-fuzz builds them by default: release, with
+# debug assertions and overflow checks, under AddressSanitizer (which runs
+# fine with libtorch linked in; SIRE_FUZZ_SANITIZER=none builds without).
+# A crash is a panic, an overflow, a sanitizer report, an allocation beyond
+# 1 GiB (-malloc_limit_mb) or an input that takes over 10 s. The fuzz build
+# has its own target folder (fuzz/target, or $SIRE_FUZZ_TARGET_DIR); the
+# first one compiles every dependency under the sanitizer (about 20 minutes
+# on two busy cores), later ones only what changed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source-path=SCRIPTDIR/..
@@ -41,10 +44,14 @@ scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 export TMPDIR="$scratch"
 
-fuzz() { cargo +nightly fuzz "$@" --sanitizer none --fuzz-dir fuzz; }
+fuzz() {
+    local command="$1"
+    shift
+    cargo +nightly fuzz "$command" --sanitizer "${SIRE_FUZZ_SANITIZER:-address}" --fuzz-dir fuzz "$@"
+}
 
 start=$SECONDS
-fuzz build --release
+fuzz build
 echo "fuzz.sh: built in $((SECONDS - start)) s"
 
 failed=0
@@ -52,7 +59,7 @@ summary=()
 for t in "${targets[@]}"; do
     mkdir -p "$scratch/corpus/$t"
     log="$scratch/$t.log"
-    if fuzz run --release "$t" "$scratch/corpus/$t" "fuzz/corpus/$t" -- \
+    if fuzz run "$t" "$scratch/corpus/$t" "fuzz/corpus/$t" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 -malloc_limit_mb=1024 \
         -print_final_stats=1 >"$log" 2>&1; then
         status=ok
