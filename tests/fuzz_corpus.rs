@@ -123,6 +123,8 @@ fn write_seeds() {
         r#"{"a": {"type": "../x"}}"#,
         r#"{"a": {"type": "lora", "config": {"download": [{"file_name": "x", "file_url": "hf://org/repo/../x"}]}}}"#,
         r#"{"a": {"type": "lora""#,
+        // `%+f` was decoded as `%0f` (u8::from_str_radix takes a sign).
+        r#"{"a": {"type": "lora", "config": {"download": [{"file_name": "x", "file_url": "file:///a%+f"}]}}}"#,
     ];
     for (i, s) in bad.iter().enumerate() {
         write("catalogue", &format!("bad-{i}"), s.as_bytes());
