@@ -3,9 +3,10 @@
 #   e.g. scripts/test.sh --features cuda-tests
 #        scripts/test.sh -- --nocapture
 # Unit, integration and example/bench-target tests first, then doctests. Every
-# optional feature (tokio, registry, cli, pool, and the test-only fault
-# injection `faults`) is on, so their tests and examples are built and run in
-# the same (single) build as everything else.
+# optional feature (tokio, registry, cli, pool; the test-only fault injection
+# `faults`; and `fuzzing`: tests/fuzz_corpus.rs replays the fuzz corpus) is on,
+# so their tests and examples are built and run in the same (single) build as
+# everything else.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source-path=SCRIPTDIR/..
@@ -21,6 +22,6 @@ if ! "$VIRTUAL_ENV/bin/python" -c "import huggingface_hub" >/dev/null 2>&1; then
 fi
 
 # Every optional feature; GPU-only tests (`cuda-tests`) are asked for by hand.
-features="tokio,registry,cli,pool,faults"
+features="tokio,registry,cli,pool,faults,fuzzing"
 cargo test --all-targets --features "$features" "$@"
 cargo test --doc --features "$features" "$@"

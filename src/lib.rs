@@ -13,6 +13,9 @@ mod exclusive;
 pub mod faults;
 #[cfg(not(feature = "faults"))]
 mod faults;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod hook;
 mod location;
 mod managed;

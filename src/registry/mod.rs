@@ -22,7 +22,7 @@
 //! ```
 
 mod cache;
-mod catalogue;
+pub(crate) mod catalogue;
 mod fetch;
 mod http;
 mod pickle;

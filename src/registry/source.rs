@@ -101,7 +101,9 @@ fn percent_decode(s: &str) -> Result<String, String> {
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let hex = s.get(i + 1..i + 3).ok_or("truncated %-escape")?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("bad %-escape `%{hex}`"))?);
+            // Two hex digits: `from_str_radix` alone would take `%+f` for `%0f`.
+            let byte = hex.bytes().all(|b| b.is_ascii_hexdigit()).then(|| u8::from_str_radix(hex, 16).ok());
+            out.push(byte.flatten().ok_or_else(|| format!("bad %-escape `%{hex}`"))?);
             i += 3;
         } else {
             out.push(bytes[i]);
@@ -221,7 +223,16 @@ mod tests {
             Source::parse("hf://org/repo/w.pt").unwrap(),
             Source::Hf { repo: "org/repo".into(), path: "w.pt".into(), revision: "main".into() }
         );
-        for bad in ["ftp://x/y", "file://relative", "hf://org/w.pt", "hf://../x/y", "nothing", "https:///x"] {
+        let bad = [
+            "ftp://x/y",
+            "file://relative",
+            "hf://org/w.pt",
+            "hf://../x/y",
+            "nothing",
+            "https:///x",
+            "file:///a%+f",
+        ];
+        for bad in bad {
             assert!(Source::parse(bad).is_err(), "{bad} accepted");
         }
     }

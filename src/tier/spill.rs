@@ -251,7 +251,7 @@ fn parent_dir(path: &Path) -> &Path {
 /// window, never the file's pages and the tensors both. Tensors of 2 MiB or
 /// more are asked for transparent huge pages, which makes faulting in their
 /// fresh memory, the main cost of the copy, several times cheaper.
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn read(path: &Path, names: &[String], require_checksum: bool) -> Result<Vec<Tensor>> {
     Ok(read_checked(path, names, Expect::Any { require_checksum }, How::Copy(None))?.tensors)
 }
@@ -259,10 +259,38 @@ pub(crate) fn read(path: &Path, names: &[String], require_checksum: bool) -> Res
 /// Maps the tensors named `names` from the safetensors file at `path`, as
 /// [`read`] checks them (see [`How::Map`]); `None` where a tensor is not
 /// aligned for its kind in the file.
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn map(path: &Path, names: &[String], require_checksum: bool) -> Result<Option<Vec<Tensor>>> {
     let read = read_checked(path, names, Expect::Any { require_checksum }, How::Map { verified: None })?;
     Ok(read.mapped.then_some(read.tensors))
+}
+
+/// Reads the tensors named `names` from the file at `path` as the spill file
+/// that model `model` of instance `instance` wrote with nonce `nonce` (see
+/// [`SpillFile::read_into`]): for the fuzz targets.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn read_as_spill(
+    path: &Path,
+    names: &[String],
+    instance: &str,
+    model: u64,
+    nonce: u128,
+) -> Result<Vec<Tensor>> {
+    let identity = Identity { instance: instance.into(), model, nonce };
+    Ok(read_checked(path, names, Expect::Spill(&identity), How::Copy(None))?.tensors)
+}
+
+/// Writes `tensors` to `path` as the spill file of model `model` of instance
+/// `instance`, with nonce `nonce` (see [`write`]): for the fuzz targets' seeds.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn write_as_spill(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    instance: &str,
+    model: u64,
+    nonce: u128,
+) -> Result<u64> {
+    write_with(path, tensors, Some(&Identity { instance: instance.into(), model, nonce }))
 }
 
 /// How [`read_checked`] makes the tensors.
@@ -291,7 +319,7 @@ pub(crate) type Dest<'a> = &'a mut dyn FnMut(usize) -> Result<Tensor>;
 enum Expect<'a> {
     /// Any safetensors file: checksums are verified where present, and
     /// required if asked.
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg_attr(not(any(test, feature = "fuzzing")), allow(dead_code))]
     Any {
         /// Whether a tensor without a checksum is an error.
         require_checksum: bool,

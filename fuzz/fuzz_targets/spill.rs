@@ -1,0 +1,6 @@
+//! Fuzz target: `sire::fuzzing::spill` (see its documentation).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = sire::fuzzing::spill(data);
+});
