@@ -5,7 +5,7 @@ use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::ThreadId;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tch::Device;
 
@@ -494,31 +494,60 @@ pub fn auto_manage_all(models: &[ModelHandle]) -> Result<Batch> {
         return Err(crate::Error::ForeignModel { model: other.name().to_string() });
     }
     let cores: Vec<Arc<ModelCore>> = distinct.iter().map(|m| m.core.clone()).collect();
-    let wait = Wait::timeout(pools.inner.wait_timeout);
-    let uses = pools.inner.acquire_many(&cores, wait)?;
-    // Models with commits are brought to their handle's stack (the commit path,
-    // which waits for the model's other guards to drop, our plain use included:
-    // so that use is given back first; the model is resident, so this is a hit).
-    // Every hold is a value: if one model fails, dropping them releases the others.
-    let mut holds: Vec<Hold<'_>> = Vec::with_capacity(distinct.len());
+    // One deadline for the whole call, however many attempts it takes.
+    let wait = Wait::timeout(pools.inner.wait_timeout).start();
+    let deadline = wait.deadline();
+    let mut pause = Duration::from_micros(100);
+    loop {
+        let uses = pools.inner.acquire_many(&cores, wait)?;
+        let attempt = batch_holds(&pools, &distinct, &cores, uses)
+            .map(|holds| holds.into_iter().map(Hold::into_owned).collect::<Vec<Owned>>());
+        match attempt {
+            Ok(owned) => return Ok(Batch { models: distinct.into_iter().zip(owned).collect() }),
+            // Every hold was dropped with the error: nothing is held while waiting.
+            Err(e @ (Error::InUse { .. } | Error::OutOfMemory { .. })) => {
+                let left =
+                    deadline.and_then(|d| d.instant()).map(|at| at.saturating_duration_since(Instant::now()));
+                if left.is_some_and(|l| l.is_zero()) {
+                    return Err(e);
+                }
+                std::thread::sleep(left.map_or(pause, |l| l.min(pause)));
+                pause = (pause * 2).min(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Turns a batch's plain uses into holds: models with commits are brought to
+/// their handle's stack (the commit path, which waits for the model's other
+/// guards to drop, our plain use included: so that use is given back first;
+/// the model is resident, so this is a hit). The commit path does not wait
+/// here: a batch waiting for one model's variant lock while holding another
+/// model would deadlock with a batch (or a guard) that holds the second and
+/// waits for the first, so a busy model fails the attempt (`InUse`, or
+/// `OutOfMemory` for patch room) and [`auto_manage_all`] tries again with
+/// nothing held. Every hold is a value: if one model fails, dropping them
+/// releases the others.
+fn batch_holds<'a>(
+    pools: &'a ResourcePoolManagement,
+    models: &'a [ModelHandle],
+    cores: &'a [Arc<ModelCore>],
+    uses: Vec<Use<'a>>,
+) -> Result<Vec<Hold<'a>>> {
+    let mut holds: Vec<Hold<'_>> = Vec::with_capacity(models.len());
     for (i, used) in uses.into_iter().enumerate() {
-        let m = &distinct[i];
+        let m = &models[i];
         if m.keep.commits().is_active() {
             drop(used);
-            holds.push(Hold::Commit(variant::acquire(
-                &pools.inner,
-                &cores[i],
-                m.keep.commits(),
-                &m.stack,
-                wait,
-                OWNED,
-            )?));
+            let hold =
+                variant::acquire(&pools.inner, &cores[i], m.keep.commits(), &m.stack, Wait::No, OWNED)?;
+            holds.push(Hold::Commit(hold));
         } else {
             holds.push(Hold::Plain(used));
         }
     }
-    let owned: Vec<Owned> = holds.into_iter().map(Hold::into_owned).collect();
-    Ok(Batch { models: distinct.into_iter().zip(owned).collect() })
+    Ok(holds)
 }
 
 /// Models held on their runtime devices by [`auto_manage_all`]; dropping it

@@ -77,6 +77,18 @@ impl ResourcePoolManagement {
     pub fn spill_dir(&self) -> Option<&std::path::Path> {
         self.inner.spill_dir.as_deref()
     }
+
+    /// Checks the ledger's invariants now, under the engine's lock: every
+    /// pool's `used` is the sum of its residents' charges (plus cached host
+    /// buffers) and within its budget, pinned bytes add up and stay within
+    /// their cap. Debug builds check them after every transition anyway; this
+    /// lets tests (the stress suite) check them at any instant, in release
+    /// builds too. Returns the first broken invariant. For tests: not part of
+    /// the stable API.
+    #[doc(hidden)]
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        self.inner.verify()
+    }
 }
 
 impl fmt::Debug for ResourcePoolManagement {

@@ -89,10 +89,15 @@ impl Engine {
         self.lock().get(core.id).map_or(Location::Disk, |e| e.res().location(core))
     }
 
+    /// The ledger's invariants, checked now (see `Ledger::verify`).
+    pub(crate) fn verify(&self) -> std::result::Result<(), String> {
+        self.lock().verify()
+    }
+
     /// The ledger's invariants (tests).
     #[cfg(test)]
     pub(crate) fn check_invariants(&self) {
-        if let Err(e) = self.lock().verify() {
+        if let Err(e) = self.verify() {
             panic!("{e}");
         }
     }
