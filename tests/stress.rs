@@ -13,7 +13,7 @@
 //! and model, the pools' statistics, and exits the process non-zero.
 //!
 //! Environment: `SIRE_STRESS_OPS` (operations, all workers together; default
-//! 2,500), `SIRE_STRESS_SECS` (a time cap; default 25, the run stops at
+//! 20,000), `SIRE_STRESS_SECS` (a time cap; default 20, the run stops at
 //! whichever comes first), `SIRE_STRESS_THREADS` (default 6),
 //! `SIRE_STRESS_SEED` (replays a run's choices; the seed is printed; thread
 //! interleavings are not replayed), `SIRE_STRESS_WATCHDOG` (default 60 s).
@@ -233,6 +233,8 @@ struct World {
     /// Per operation: done, and outcomes that are not a full success (by name).
     counts: Mutex<HashMap<Op, (u64, HashMap<String, u64>)>>,
     violations: Mutex<Vec<String>>,
+    /// `SIRE_STRESS_HANG` (the watchdog's test): worker 0 hangs in its first `Manage`.
+    hang: bool,
 }
 
 /// A part's floats: `1000·(i + 1) + j`.
@@ -302,6 +304,7 @@ fn build(seed: u64, ops: u64, secs: u64, threads: usize, dir: &std::path::Path) 
             .collect(),
         counts: Mutex::default(),
         violations: Mutex::default(),
+        hang: std::env::var_os("SIRE_STRESS_HANG").is_some(),
     };
     let mut rng = Rng(seed ^ 0xABCD);
     for slot in 0..SLOTS {
@@ -391,6 +394,8 @@ impl World {
     /// Runs one operation.
     fn run(&self, worker: usize, op: Op, rng: &mut Rng) -> Outcome {
         let slot = rng.below(SLOTS);
+        // Until the operation says more (after taking the slot's lock, for most).
+        self.note(worker, op, format!("slot {slot} (taking its lock)"));
         match op {
             Op::Manage | Op::ManageFile => {
                 let mut e = self.slots[slot].write().unwrap();
@@ -399,6 +404,12 @@ impl World {
                     op,
                     format!("slot {slot}: replacing `{}`", e.as_ref().map_or("-", |e| &e.name)),
                 );
+                if self.hang && worker == 0 {
+                    // The watchdog's own test: a worker stuck holding a slot's lock.
+                    loop {
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
                 // The old model (and its variants) is dropped: unregistered.
                 *e = None;
                 let entry = self.new_entry(slot, rng, op == Op::ManageFile)?;
@@ -660,6 +671,7 @@ impl World {
                 // Two models of two slots, locked in slot order.
                 let other = (slot + 1 + rng.below(SLOTS - 1)) % SLOTS;
                 let (lo, hi) = (slot.min(other), slot.max(other));
+                self.note(worker, op, format!("slots {lo} and {hi} (taking their locks)"));
                 let (e1, e2) = (self.slots[lo].read().unwrap(), self.slots[hi].read().unwrap());
                 let (Some(x), Some(y)) = (e1.as_ref(), e2.as_ref()) else { return Ok(Some("empty".into())) };
                 let hx = &x.handles[rng.below(x.handles.len())];
@@ -796,8 +808,8 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 fn random_operations_keep_the_invariants_and_the_weights() {
     let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     let seed = env_u64("SIRE_STRESS_SEED", clock);
-    let ops = env_u64("SIRE_STRESS_OPS", 2_500);
-    let secs = env_u64("SIRE_STRESS_SECS", 25);
+    let ops = env_u64("SIRE_STRESS_OPS", 20_000);
+    let secs = env_u64("SIRE_STRESS_SECS", 20);
     let threads = env_u64("SIRE_STRESS_THREADS", 6) as usize;
     let quiet = Duration::from_secs(env_u64("SIRE_STRESS_WATCHDOG", 60));
     eprintln!("stress: seed {seed} (SIRE_STRESS_SEED={seed} replays), {ops} operations, {threads} threads, at most {secs} s");
@@ -948,4 +960,26 @@ fn opposite_batches_of_variants_do_not_deadlock() {
     let errors = [t1.join().unwrap(), t2.join().unwrap()].concat();
     assert!(errors.is_empty(), "{errors:#?}");
     pools.check_invariants().unwrap();
+}
+
+/// The watchdog turns a deadlock into a failure that shows every worker: a
+/// run in a child process where worker 0 hangs holding a slot's lock (so the
+/// others block on it in turn) exits non-zero within seconds, naming it.
+#[test]
+fn the_watchdog_fails_a_stuck_run_and_shows_every_worker() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["random_operations_keep_the_invariants_and_the_weights", "--exact", "--nocapture"])
+        .env("SIRE_STRESS_HANG", "1")
+        .env("SIRE_STRESS_THREADS", "6")
+        .env("SIRE_STRESS_WATCHDOG", "2")
+        .env("SIRE_STRESS_OPS", "1000000")
+        .env("SIRE_STRESS_SECS", "60")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(70), "the stuck run was not stopped by the watchdog:\n{text}");
+    assert!(text.contains("WATCHDOG: no operation finished"), "{text}");
+    assert!(text.contains("worker 0: Some(Manage"), "the stuck worker is not shown:\n{text}");
+    assert!(text.contains("(taking its lock)"), "the blocked workers are not shown:\n{text}");
+    assert!(text.contains("worker 5:"), "not every worker is shown:\n{text}");
 }
