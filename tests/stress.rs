@@ -899,6 +899,27 @@ fn random_operations_keep_the_invariants_and_the_weights() {
         violations.len(),
         violations.join("\n")
     );
+    // Every model dropped is unregistered: once the slots are emptied (and the
+    // background loads holding clones have ended), only the exclusive models
+    // and the parts are left in the pools.
+    for slot in &w.slots {
+        *slot.write().unwrap() = None;
+    }
+    let left = || -> Vec<String> {
+        let s = w.pools.stats();
+        let mut names: Vec<String> =
+            s.pools.iter().flat_map(|p| p.residents.iter().map(|r| r.name.clone())).collect();
+        names.retain(|n| !n.starts_with('x') && !n.starts_with("parted/"));
+        names
+    };
+    let settle = Instant::now();
+    while !left().is_empty() && settle.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !left().is_empty() {
+        end.push(format!("dropped models still registered: {:?}\n{}", left(), w.pools.stats()));
+    }
+    end.extend(w.invariants().err());
     assert!(end.is_empty(), "seed {seed}: {}", end.join("\n"));
     assert!(total > 0);
 }
