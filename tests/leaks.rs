@@ -186,9 +186,20 @@ fn cycles_leave_memory_files_threads_and_spill_files_where_they_started() {
     let dir = tempfile::tempdir().unwrap();
     let mut failures = Vec::new();
 
-    // Evict/reload: its own instance (room for two of the three models).
-    {
-        let (pools, _spill_root) = pools(2 * SIZE + SIZE / 2);
+    // Evict/reload: its own instance (room for two of the three models),
+    // reloading by mapping the files (the default for a CPU runtime), then by
+    // copying into host buffers (which reuses the buffers evictions leave).
+    for map in [true, false] {
+        let what = if map { "evict/reload (mapped)" } else { "evict/reload (copied)" };
+        let spill_root = tempfile::tempdir().unwrap();
+        let pools = ResourcePoolManagement::builder()
+            .cuda(false)
+            .env(false)
+            .cpu_budget(2 * SIZE + SIZE / 2)
+            .spill_dir(spill_root.path())
+            .map_files(map)
+            .build()
+            .unwrap();
         let spill = pools.spill_dir().unwrap().to_path_buf();
         let three = Three::new(&pools, dir.path());
         three.cycles(50); // warm-up: spill files written, libtorch and the allocator warm
@@ -197,11 +208,11 @@ fn cycles_leave_memory_files_threads_and_spill_files_where_they_started() {
         let loads = three.cycles(reload_cycles);
         let after = usage(&spill);
         eprintln!(
-            "evict/reload: {reload_cycles} cycles ({loads} evictions and reloads) in {:.1} s, stats:\n{}",
+            "{what}: {reload_cycles} cycles ({loads} evictions and reloads) in {:.1} s, stats:\n{}",
             start.elapsed().as_secs_f64(),
             pools.stats()
         );
-        failures.extend(compare("evict/reload", before, after).err());
+        failures.extend(compare(what, before, after).err());
     }
 
     // Register/drop: a fresh instance; its spill folder starts empty but for its lock.

@@ -814,7 +814,12 @@ fn random_operations_keep_the_invariants_and_the_weights() {
     let quiet = Duration::from_secs(env_u64("SIRE_STRESS_WATCHDOG", 60));
     eprintln!("stress: seed {seed} (SIRE_STRESS_SEED={seed} replays), {ops} operations, {threads} threads, at most {secs} s");
 
-    let dir = tempfile::tempdir().unwrap();
+    // In the folder the watchdog's test gives (it removes it; a run the
+    // watchdog stops exits without cleaning up).
+    let dir = match std::env::var_os("SIRE_STRESS_DIR") {
+        Some(root) => tempfile::tempdir_in(root).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    };
     let world = Arc::new(build(seed, ops, secs, threads, dir.path()));
     let start = Instant::now();
     let finished = Arc::new(AtomicBool::new(false));
@@ -988,9 +993,11 @@ fn opposite_batches_of_variants_do_not_deadlock() {
 /// others block on it in turn) exits non-zero within seconds, naming it.
 #[test]
 fn the_watchdog_fails_a_stuck_run_and_shows_every_worker() {
+    let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["random_operations_keep_the_invariants_and_the_weights", "--exact", "--nocapture"])
         .env("SIRE_STRESS_HANG", "1")
+        .env("SIRE_STRESS_DIR", dir.path())
         .env("SIRE_STRESS_THREADS", "6")
         .env("SIRE_STRESS_WATCHDOG", "2")
         .env("SIRE_STRESS_OPS", "1000000")
