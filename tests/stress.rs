@@ -827,9 +827,16 @@ fn random_operations_keep_the_invariants_and_the_weights() {
         let (w, finished) = (world.clone(), finished.clone());
         std::thread::spawn(move || {
             let (mut last, mut at) = (w.progress.load(SeqCst), Instant::now());
+            let mut report = Instant::now();
             while !finished.load(SeqCst) {
                 std::thread::sleep(Duration::from_millis(100));
                 let now = w.progress.load(SeqCst);
+                if report.elapsed() > Duration::from_secs(60) {
+                    // A long run says how far it is.
+                    report = Instant::now();
+                    let secs = w.start.elapsed().as_secs_f64();
+                    eprintln!("stress: {now} operations in {secs:.0} s ({:.0}/s)", now as f64 / secs);
+                }
                 if now != last {
                     (last, at) = (now, Instant::now());
                 } else if at.elapsed() > quiet {
