@@ -207,6 +207,9 @@ struct State {
     done: u64,
 }
 
+/// One operation's count, and its outcomes that were not a full success, by name.
+type Tally = (u64, HashMap<String, u64>);
+
 /// Everything the workers share.
 struct World {
     pools: ResourcePoolManagement,
@@ -231,7 +234,7 @@ struct World {
     stop: AtomicBool,
     states: Vec<Mutex<State>>,
     /// Per operation: done, and outcomes that are not a full success (by name).
-    counts: Mutex<HashMap<Op, (u64, HashMap<String, u64>)>>,
+    counts: Mutex<HashMap<Op, Tally>>,
     violations: Mutex<Vec<String>>,
     /// `SIRE_STRESS_HANG` (the watchdog's test): worker 0 hangs in its first `Manage`.
     hang: bool,
