@@ -15,6 +15,7 @@
 //! Environment: `SIRE_STRESS_OPS` (operations, all workers together; default
 //! 20,000), `SIRE_STRESS_SECS` (a time cap; default 20, the run stops at
 //! whichever comes first), `SIRE_STRESS_THREADS` (default 6),
+//! `SIRE_STRESS_BUDGET` (host budget in bytes; default 16 KiB),
 //! `SIRE_STRESS_SEED` (replays a run's choices; the seed is printed; thread
 //! interleavings are not replayed), `SIRE_STRESS_WATCHDOG` (default 60 s).
 //! The long run (see RELIABILITY.md):
@@ -247,7 +248,7 @@ fn part_sum(i: usize) -> f64 {
 }
 
 fn build(seed: u64, ops: u64, secs: u64, threads: usize, dir: &std::path::Path) -> World {
-    let budget = 40 << 10;
+    let budget = env_u64("SIRE_STRESS_BUDGET", 16 << 10);
     let spill = dir.join("spill");
     std::fs::create_dir(&spill).unwrap();
     let pools = ResourcePoolManagement::builder()
@@ -1020,4 +1021,59 @@ fn the_watchdog_fails_a_stuck_run_and_shows_every_worker() {
     assert!(text.contains("worker 0: Some(Manage"), "the stuck worker is not shown:\n{text}");
     assert!(text.contains("(taking its lock)"), "the blocked workers are not shown:\n{text}");
     assert!(text.contains("worker 5:"), "not every worker is shown:\n{text}");
+}
+
+/// Found by the stress run with a 12 KiB budget (seed 1796209533123734492):
+/// `fetch_model_async` of the occupant (no switch), when the occupant had
+/// been evicted meanwhile, loaded it with an attempt on the blocking pool
+/// that outlived the future: dropped, the future gave the turn back at
+/// once, the next fetch switched (finding the occupant off the device, so
+/// offloading nothing), and the attempt then loaded the old occupant beside
+/// the new one. Each round here evicts the occupant, cancels a fetch of it
+/// at a random point, fetches the other model and checks that the first is
+/// not on the device meanwhile.
+#[test]
+fn a_cancelled_fetch_of_the_evicted_occupant_never_lands_beside_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let shape = Shape { base: 0, cols: 8 };
+    let bytes = ROWS as u64 * 8 * 4 + B_LEN as u64 * 4;
+    let pools = ResourcePoolManagement::builder()
+        .cuda(false)
+        .env(false)
+        .cpu_budget(2 * bytes)
+        .disk_budget(1 << 30)
+        .spill_dir(dir.path())
+        .wait_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let shared = SharedModelManager::with_pools(pools.clone());
+    shared.add_with_id("x0", shape.build()).unwrap();
+    shared.add_with_id("x1", shape.build()).unwrap();
+    let fillers = [pools.manage(shape.build()).unwrap(), pools.manage(shape.build()).unwrap()];
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mut rng = Rng(7);
+    let mut bad = Vec::new();
+    for round in 0..400 {
+        drop(shared.fetch_model::<TensorSet>("x0").unwrap()); // x0 is the occupant
+        {
+            // Both fillers at once: the idle occupant is evicted to disk.
+            let _g = (auto_manage(&fillers[0]).unwrap(), auto_manage(&fillers[1]).unwrap());
+        }
+        assert_eq!(shared.model_location("x0").unwrap(), Location::Disk);
+        let after = Duration::from_micros(rng.below(400) as u64);
+        let _ = rt.block_on(async {
+            tokio::time::timeout(after, shared.fetch_model_async::<TensorSet>("x0")).await
+        });
+        let g = shared.fetch_model::<TensorSet>("x1").unwrap();
+        for _ in 0..20 {
+            if shared.model_location("x0").unwrap() == Location::Cpu {
+                bad.push(round);
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        drop(g);
+    }
+    assert!(bad.is_empty(), "x0 on the device beside x1 in rounds {bad:?}");
+    pools.check_invariants().unwrap();
 }
