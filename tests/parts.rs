@@ -567,3 +567,37 @@ fn other_models_evict_idle_parts_and_events_name_them() {
     assert_eq!(offloaded.len(), 2, "{offloaded:?}");
     assert_close(&pass(&m, &forward), &want, "after the other model");
 }
+
+/// A model twice the budget, after its first pass, keeps its first parts
+/// resident; the next pass starts reading its first missing part while it
+/// computes with the resident ones (a look-ahead prefetch, room made by the
+/// parts it released), not once it reaches the missing part.
+#[test]
+fn the_disk_read_starts_during_the_resident_parts() {
+    let dir = tempfile::tempdir().unwrap();
+    let ts = layers(8, 17);
+    let path = write(dir.path(), &ts);
+    let (pools, _d) = pools(4 * PART);
+    let m = pools
+        .manage_parts(TensorSet::from_safetensors(&path).unwrap(), Split::TopLevel, ManageOptions::new())
+        .unwrap();
+    let forward: Vec<usize> = (0..8).collect();
+    let want = plain(&ts, &forward);
+    assert_close(&pass(&m, &forward), &want, "first");
+    let resident = m.resident();
+    let first_missing = (0..8).find(|i| !resident.contains(i)).unwrap();
+    assert!(first_missing >= 2, "the parts needed first stay resident: {resident:?}");
+    let mut s = m.stream();
+    let mut h = input();
+    for i in 0..8 {
+        let p = s.part(i).unwrap();
+        h = layer(&p.get(&format!("l{i}.w")).unwrap(), &p.get(&format!("l{i}.b")).unwrap(), &h);
+        if i == 1 {
+            assert_eq!(s.loaded(), [first_missing], "part {first_missing} is read while part 1 computes");
+        }
+        check_invariants(&pools.stats());
+    }
+    assert!(s.loaded().len() >= 4, "the shortfall streamed: {:?}", s.loaded());
+    drop(s);
+    assert_close(&h, &want, "second");
+}

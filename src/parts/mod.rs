@@ -445,9 +445,13 @@ fn is_resident(m: &Managed<TensorSet>) -> bool {
 /// them in another order is served correctly (a prefetch that guessed wrong
 /// is simply released) and its order is followed from then on.
 ///
-/// **Budget.** At most one prefetch is under way, and none when the runtime
-/// pool's budget cannot hold the current part and the next together, so a
-/// model larger than the budget streams through a budget of two parts.
+/// **Budget.** At most one prefetch is under way: of the first part expected
+/// that is not resident. The part right after the current one is prefetched
+/// when the runtime pool's budget holds the two together, so a model larger
+/// than the budget streams through a budget of two parts. A part further
+/// ahead (the parts between are resident) is prefetched when the room it
+/// needs is free or held by parts this pass has released, so the reads of a
+/// partly resident model start while its resident parts compute.
 ///
 /// **What stays resident.** Within a model streamed in a loop, plain
 /// least-recently-used eviction would evict each part just before it is
@@ -540,6 +544,28 @@ impl Stream<'_> {
                     // The prefetch failed: try again here, for the error.
                     Err(_) => auto_manage_owned(&parts[i])?,
                 },
+                // A prefetch further ahead (part `i` was resident when it
+                // started): it goes on if part `i` can be had without waiting
+                // for room, which the prefetched part may be holding.
+                Some((j, pending)) if !self.seen.contains(&j) => {
+                    let resident = is_resident(&parts[i]);
+                    match parts[i].owned_timeout(std::time::Duration::ZERO) {
+                        Ok(g) => {
+                            self.next = Some((j, pending));
+                            if !resident {
+                                self.loaded.push(i);
+                            }
+                            g
+                        }
+                        Err(_) => {
+                            drop(pending.wait());
+                            if !is_resident(&parts[i]) {
+                                self.loaded.push(i);
+                            }
+                            auto_manage_owned(&parts[i])?
+                        }
+                    }
+                }
                 other => {
                     // A guess that was wrong: finish it (the part stays resident, idle).
                     if let Some((_, pending)) = other {
@@ -589,28 +615,57 @@ impl Stream<'_> {
         self.seen.push(i);
     }
 
-    /// Starts prefetching the part expected after `i`, if any, if it is not
-    /// resident, and if the budget holds it beside part `i`.
+    /// Starts prefetching the first part expected after `i` that is not
+    /// resident, if none is under way. The part right after `i` is
+    /// prefetched if the budget holds it beside part `i`; a part further
+    /// ahead (the parts between are resident) only if the room it needs is
+    /// free or held by parts this pass has released (the stream's recency
+    /// order evicts those first), never by parts the pass still needs before
+    /// it. So the disk reads of a model partly resident start during the
+    /// compute of its resident parts, not after it.
     fn prefetch_after(&mut self, i: usize) {
-        let parts = &self.parted.parts;
-        let next = match self.pos {
-            Some(p) => self.expected.get(p + 1).copied(),
-            None if i + 1 < parts.len() => Some(i + 1),
-            None => None,
-        };
-        let Some(next) = next else { return };
-        let (cur, nxt) = (&parts[i], &parts[next]);
-        if next == i || is_resident(nxt) {
+        if self.next.is_some() {
             return;
         }
-        let loc = nxt.runtime();
-        let Some(budget) = self.parted.pools.pools().iter().find(|(l, _)| *l == loc).map(|(_, b)| *b) else {
+        let parts = &self.parted.parts;
+        let ahead: Vec<usize> = match self.pos {
+            Some(p) => self.expected[p + 1..].to_vec(),
+            None => (i + 1..parts.len()).collect(),
+        };
+        let Some((k, next)) =
+            ahead.iter().copied().enumerate().find(|&(_, j)| j != i && !is_resident(&parts[j]))
+        else {
             return;
         };
+        let (cur, nxt) = (&parts[i], &parts[next]);
+        let loc = nxt.runtime();
         let charge = |m: &Managed<TensorSet>| m.size_bytes() + m.core().reserve;
-        let beside = if cur.runtime() == loc { charge(cur) } else { 0 };
-        if beside.saturating_add(charge(nxt)) > budget {
-            return;
+        if k == 0 {
+            let Some(budget) = self.parted.pools.pools().iter().find(|(l, _)| *l == loc).map(|(_, b)| *b)
+            else {
+                return;
+            };
+            let beside = if cur.runtime() == loc { charge(cur) } else { 0 };
+            if beside.saturating_add(charge(nxt)) > budget {
+                return;
+            }
+        } else {
+            let Some((budget, used)) = self.parted.pools.stats().pool(loc).map(|p| (p.budget, p.used)) else {
+                return;
+            };
+            let mut released: Vec<usize> = self.seen.iter().copied().filter(|&j| j != i).collect();
+            released.sort_unstable();
+            released.dedup();
+            let reclaimable: u64 = released
+                .iter()
+                .map(|&j| &parts[j])
+                .filter(|m| is_resident(m) && m.use_count() == 0 && m.runtime() == loc)
+                .map(charge)
+                .sum();
+            let free = budget.saturating_sub(used);
+            if free.saturating_add(reclaimable) < charge(nxt) {
+                return;
+            }
         }
         if let Some(pending) = Pending::start(nxt) {
             self.loaded.push(next);
