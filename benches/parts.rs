@@ -24,6 +24,9 @@
 //! benchmark and prints the growth of the peak resident set (VmHWM) over the
 //! model's size and the budget.
 //!
+//! `SIRE_PARTS_MAP=0` builds sire's pools with `map_files(false)` (every load
+//! copies).
+//!
 //! Run: `source scripts/env.sh && cargo bench --bench parts`, then
 //! `SIRE_PARTS_RSS=sire cargo bench --bench parts` and `SIRE_PARTS_RSS=mmap …`.
 
@@ -71,9 +74,11 @@ fn drop_cache(path: &Path) {
 }
 
 fn sire_model(path: &Path, spill: &Path) -> (ResourcePoolManagement, Parted) {
+    let map = std::env::var("SIRE_PARTS_MAP").map_or(true, |v| v != "0");
     let pools = ResourcePoolManagement::builder()
         .cuda(false)
         .env(false)
+        .map_files(map)
         .cpu_budget(layers() as u64 * LAYER_BYTES / 2)
         .spill_dir(spill)
         .build()
