@@ -51,6 +51,74 @@ fn corpus_replays_without_panics() {
     }
 }
 
+/// A short fuzz that CI can afford (the coverage-guided targets in `fuzz/`
+/// take minutes to build; `scripts/fuzz.sh` runs them): every corpus input
+/// mutated `SIRE_FUZZ_MUTATIONS` times (default 300) by a seeded generator
+/// (bytes flipped, set to edge values, inserted, removed; the input truncated
+/// or extended; a run copied from elsewhere in it), each mutant run through its
+/// target, which must return (a value or an error) without panicking. The seed
+/// is printed; `SIRE_FUZZ_SEED` replays a run.
+#[test]
+fn mutated_corpus_runs_without_panics() {
+    let rounds: usize = std::env::var("SIRE_FUZZ_MUTATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let seed: u64 = std::env::var("SIRE_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    println!("mutated corpus: seed {seed} (SIRE_FUZZ_SEED={seed} replays it), {rounds} mutants per input");
+    let mut rng = seed | 1;
+    let mut next = move || {
+        // xorshift64*: small, seeded, good enough to pick mutations.
+        rng ^= rng >> 12;
+        rng ^= rng << 25;
+        rng ^= rng >> 27;
+        rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let mut runs = 0usize;
+    for (target, run) in TARGETS {
+        let mut files: Vec<PathBuf> =
+            fs::read_dir(corpus(target)).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        for file in files {
+            let original = fs::read(&file).unwrap();
+            for round in 0..rounds {
+                let mut d = original.clone();
+                for _ in 0..1 + next() % 4 {
+                    let at = if d.is_empty() { 0 } else { (next() % d.len() as u64) as usize };
+                    match next() % 7 {
+                        0 if !d.is_empty() => d[at] ^= 1 << (next() % 8),
+                        1 if !d.is_empty() => {
+                            d[at] = [0, 0xff, 0x7f, 0x80, b'"', b'{', b'9'][(next() % 7) as usize]
+                        }
+                        2 => d.insert(at.min(d.len()), next() as u8),
+                        3 if !d.is_empty() => {
+                            d.remove(at);
+                        }
+                        4 => d.truncate((next() % (d.len() as u64 + 1)) as usize),
+                        5 => d.extend((0..next() % 64).map(|_| next() as u8)),
+                        _ if d.len() > 1 => {
+                            let from = (next() % d.len() as u64) as usize;
+                            let len = (next() % 16) as usize;
+                            let run: Vec<u8> = d[from..(from + len).min(d.len())].to_vec();
+                            let to = (next() % d.len() as u64) as usize;
+                            d.splice(to..to, run);
+                        }
+                        _ => {}
+                    }
+                }
+                let name = file.file_name().unwrap().to_string_lossy().into_owned();
+                let r = std::panic::catch_unwind(|| drop(run(&d)));
+                assert!(
+                    r.is_ok(),
+                    "{target}/{name}, mutant {round} (seed {seed}) panicked; the input: {}",
+                    d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                );
+                runs += 1;
+            }
+        }
+    }
+    println!("mutated corpus: {runs} runs, no panic");
+}
+
 /// A safetensors file: an 8-byte little-endian header length, the JSON
 /// header, the data.
 fn safetensors(header: &str, data: &[u8]) -> Vec<u8> {
