@@ -34,6 +34,14 @@ fn write(dir: &std::path::Path, ts: &[(String, Tensor)]) -> std::path::PathBuf {
     path
 }
 
+/// The safetensors file at `path` registered in `pools`, one part per layer
+/// (nothing read yet).
+fn top_level(pools: &sire::ResourcePoolManagement, path: &std::path::Path) -> Parted {
+    pools
+        .manage_parts(TensorSet::from_safetensors(path).unwrap(), Split::TopLevel, ManageOptions::new())
+        .unwrap()
+}
+
 /// One layer: `h ← tanh(mean over blocks of (w @ h) + b)`, `h` of shape `[64, 1]`.
 fn layer(w: &Tensor, b: &Tensor, h: &Tensor) -> Tensor {
     let y = w.view([-1, 64]).mm(h).view([-1, 64, 1]).mean_dim(0, false, Kind::Float);
@@ -145,9 +153,7 @@ fn a_model_slightly_over_the_budget_reloads_only_the_shortfall() {
             .map_files(map)
             .build()
             .unwrap();
-        let m = pools
-            .manage_parts(TensorSet::from_safetensors(&path).unwrap(), Split::TopLevel, ManageOptions::new())
-            .unwrap();
+        let m = top_level(&pools, &path);
         let shortfall = m.size_bytes() - 9 * PART;
         let mut reads = Vec::new();
         for round in 0..5 {
@@ -173,9 +179,7 @@ fn a_model_slightly_over_the_budget_reloads_only_the_shortfall() {
     }
     // A model at 90% of the budget: the first pass reads it, later passes nothing.
     let (pools, _d) = common::pools(10 * PART * 10 / 9 + 1);
-    let m = pools
-        .manage_parts(TensorSet::from_safetensors(&path).unwrap(), Split::TopLevel, ManageOptions::new())
-        .unwrap();
+    let m = top_level(&pools, &path);
     assert_close(&pass(&m, &forward), &want, "fits");
     let before = pools.stats().bytes_from_disk;
     assert_close(&pass(&m, &forward), &want, "fits, again");
@@ -224,9 +228,7 @@ fn a_panic_inside_a_part_releases_everything() {
     let ts = layers(6, 5);
     let path = write(dir.path(), &ts);
     let (pools, _d) = pools(3 * PART);
-    let m = pools
-        .manage_parts(TensorSet::from_safetensors(&path).unwrap(), Split::TopLevel, ManageOptions::new())
-        .unwrap();
+    let m = top_level(&pools, &path);
     let forward: Vec<usize> = (0..6).collect();
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut s = m.stream();
@@ -301,9 +303,7 @@ fn concurrent_passes_share_the_budget() {
     let ts = layers(6, 8);
     let path = write(dir.path(), &ts);
     let (pools, _d) = pools(3 * PART);
-    let m = pools
-        .manage_parts(TensorSet::from_safetensors(&path).unwrap(), Split::TopLevel, ManageOptions::new())
-        .unwrap();
+    let m = top_level(&pools, &path);
     let forward: Vec<usize> = (0..6).collect();
     let backward: Vec<usize> = (0..6).rev().collect();
     std::thread::scope(|s| {
@@ -328,9 +328,7 @@ fn a_budget_of_one_part_streams_without_prefetching() {
     let ts = layers(4, 9);
     let path = write(dir.path(), &ts);
     let (pools, _d) = pools(PART * 3 / 2);
-    let m = pools
-        .manage_parts(TensorSet::from_safetensors(&path).unwrap(), Split::TopLevel, ManageOptions::new())
-        .unwrap();
+    let m = top_level(&pools, &path);
     let forward: Vec<usize> = (0..4).collect();
     for round in 0..2 {
         assert_close(&pass(&m, &forward), &plain(&ts, &forward), &format!("pass {round}"));
@@ -388,9 +386,7 @@ fn hooked_parts_stream_in_the_forwards_order_and_release_on_panic() {
     let ts = layers(6, 12);
     let path = write(dir.path(), &ts);
     let (pools, _d) = pools(2 * PART);
-    let m = pools
-        .manage_parts(TensorSet::from_safetensors(&path).unwrap(), Split::TopLevel, ManageOptions::new())
-        .unwrap();
+    let m = top_level(&pools, &path);
     let order = vec![5, 0, 3, 1, 4, 2];
     let fail = Arc::new(AtomicBool::new(false));
     let (o, f) = (order.clone(), fail.clone());
@@ -429,9 +425,7 @@ fn commits_patch_the_parts_that_hold_their_weights() {
     let ts = layers(8, 13);
     let path = write(dir.path(), &ts);
     let (pools, _d) = pools(2 * PART);
-    let m = pools
-        .manage_parts(TensorSet::from_safetensors(&path).unwrap(), Split::TopLevel, ManageOptions::new())
-        .unwrap();
+    let m = top_level(&pools, &path);
     assert_eq!(m.tensor_names().len(), 16);
     tch::manual_seed(14);
     let (a1, b1) = (
@@ -578,9 +572,7 @@ fn the_disk_read_starts_during_the_resident_parts() {
     let ts = layers(8, 17);
     let path = write(dir.path(), &ts);
     let (pools, _d) = pools(4 * PART);
-    let m = pools
-        .manage_parts(TensorSet::from_safetensors(&path).unwrap(), Split::TopLevel, ManageOptions::new())
-        .unwrap();
+    let m = top_level(&pools, &path);
     let forward: Vec<usize> = (0..8).collect();
     let want = plain(&ts, &forward);
     assert_close(&pass(&m, &forward), &want, "first");

@@ -12,6 +12,28 @@ use tch::{Device, Tensor};
 use super::{Parted, Stream};
 use crate::{Error, Result, TensorSet};
 
+/// The options every self-streaming model has, on its `fwd:` [`Forward`]:
+/// `output_device` and `with_grad`.
+macro_rules! forward_options {
+    () => {
+        /// Moves every output to `device` instead of leaving it on the
+        /// device of the part that computed it last.
+        #[must_use]
+        pub fn output_device(mut self, device: tch::Device) -> Self {
+            self.fwd.output = Some(device);
+            self
+        }
+
+        /// Runs forwards with autograd on (`true`) or off (`false`, the default).
+        #[must_use]
+        pub fn with_grad(mut self, on: bool) -> Self {
+            self.fwd.grad = on;
+            self
+        }
+    };
+}
+pub(super) use forward_options;
+
 /// The forward of a [`HookedParts`]: takes the parts it needs from the
 /// stream, in any order.
 type PassFn = dyn Fn(&mut Stream<'_>, &Tensor) -> Result<Tensor> + Send + Sync;
@@ -81,20 +103,7 @@ impl fmt::Debug for HookedParts {
 }
 
 impl HookedParts {
-    /// Moves every output to `device` instead of leaving it where the last
-    /// part computed it.
-    #[must_use]
-    pub fn output_device(mut self, device: Device) -> Self {
-        self.fwd.output = Some(device);
-        self
-    }
-
-    /// Runs forwards with autograd on (`true`) or off (`false`, the default).
-    #[must_use]
-    pub fn with_grad(mut self, on: bool) -> Self {
-        self.fwd.grad = on;
-        self
-    }
+    forward_options!();
 
     /// The parted model behind the hook.
     pub fn parted(&self) -> &Parted {
@@ -240,20 +249,7 @@ impl Sequential {
         self.layers.is_empty()
     }
 
-    /// Moves every output to `device` instead of leaving it on the last
-    /// part's device.
-    #[must_use]
-    pub fn output_device(mut self, device: Device) -> Self {
-        self.fwd.output = Some(device);
-        self
-    }
-
-    /// Runs forwards with autograd on (`true`) or off (`false`, the default).
-    #[must_use]
-    pub fn with_grad(mut self, on: bool) -> Self {
-        self.fwd.grad = on;
-        self
-    }
+    forward_options!();
 
     /// The parted model behind the chain.
     pub fn parted(&self) -> &Parted {

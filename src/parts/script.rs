@@ -14,9 +14,9 @@
 use std::fmt;
 
 use tch::nn::Module;
-use tch::{CModule, Device, Tensor};
+use tch::{CModule, Tensor};
 
-use super::run::Forward;
+use super::run::{forward_options, Forward};
 use super::{Parted, Split};
 use crate::{ManageOptions, ResourcePoolManagement, ResourceUser, Result, TensorSet};
 
@@ -97,20 +97,7 @@ impl ScriptParts {
         self.children.iter().find(|(n, _, _)| n == name).map(|(_, c, p)| (c, *p))
     }
 
-    /// Moves every output to `device` instead of leaving it on the last
-    /// part's device.
-    #[must_use]
-    pub fn output_device(mut self, device: Device) -> Self {
-        self.fwd.output = Some(device);
-        self
-    }
-
-    /// Runs forwards with autograd on (`true`) or off (`false`, the default).
-    #[must_use]
-    pub fn with_grad(mut self, on: bool) -> Self {
-        self.fwd.grad = on;
-        self
-    }
+    forward_options!();
 
     /// Calls each submodule's `forward` on the output of the one before,
     /// taking its part just in time (the activation is moved to the part's
