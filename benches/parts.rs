@@ -164,7 +164,38 @@ fn rss(system: &str) {
     );
 }
 
+/// `SIRE_PARTS_TRACE=<file>`: 5 cold passes of sire (after 2 warm-up passes)
+/// under a Chrome/Perfetto trace (see `scripts/trace-plot.py`); warm passes
+/// with `SIRE_PARTS_WARM=1`.
+fn trace(file: &str) {
+    use tracing_subscriber::prelude::*;
+    let (chrome, guard) = tracing_chrome::ChromeLayerBuilder::new().file(file).include_args(true).build();
+    tracing_subscriber::registry().with(chrome).init();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = write_model(dir.path());
+    let x = input();
+    let (_pools, m) = sire_model(&path, dir.path());
+    for _ in 0..2 {
+        let _ = sire_pass(&m, &x);
+    }
+    let warm = std::env::var_os("SIRE_PARTS_WARM").is_some_and(|v| v != "0");
+    for _ in 0..5 {
+        if !warm {
+            drop_cache(&path);
+        }
+        let t = std::time::Instant::now();
+        let _span = tracing::info_span!("pass").entered();
+        let _ = sire_pass(&m, &x);
+        println!("pass: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    }
+    drop(guard);
+}
+
 fn main() {
+    if let Ok(file) = std::env::var("SIRE_PARTS_TRACE") {
+        trace(&file);
+        return;
+    }
     if let Ok(system) = std::env::var("SIRE_PARTS_RSS") {
         rss(&system);
         return;

@@ -193,24 +193,28 @@ impl Engine {
         if claims.is_empty() {
             return Vec::new();
         }
-        let frees_host = claims.iter().any(|cl| cl.job.spill);
         let results: Vec<(Result<Option<tch::Tensor>>, bool)> = lk.unlocked(|| {
+            let mut frees_heap = false;
             let results: Vec<(Result<Option<tch::Tensor>>, bool)> = claims
                 .iter()
                 .map(|cl| {
                     let c = &cl.reservation.core;
                     let dropped = Cell::new(false);
                     let mut d = c.data.lock();
+                    // Patched weights and spares are the allocator's, even over a mapping.
+                    let heap = cl.job.spill && (!d.mapped || cl.reservation.before.patch > 0);
                     let r = unwind_safe(&c.name, || {
                         self.transfer.evict(c, &mut d, &cl.job, &dropped, &self.counters, keep)
                     });
+                    frees_heap |= heap && !matches!(r, Ok(Some(_)));
                     (r, dropped.get())
                 })
                 .collect();
-            let kept_all = results.iter().all(|(r, _)| matches!(r, Ok(Some(_))));
-            if frees_host && !kept_all {
+            if frees_heap {
                 // Host memory given up must leave the process, not linger in the
                 // C allocator's free lists: the host budget is about the RSS.
+                // (Weights that pointed into a mapping of their file left with
+                // it: trimming the allocator then costs time for nothing.)
                 crate::tier::ffi::release_free_memory();
             }
             results

@@ -73,6 +73,9 @@ pub(crate) struct ModelData {
     /// the ledger says so), every group a view into it: a load is then one
     /// large copy. `None` for CPU models and while the weights are on disk.
     pub pack: Option<Tensor>,
+    /// Whether the host copy points into a mapping of its file (made by a
+    /// load from disk; not memory of the C allocator).
+    pub mapped: bool,
 }
 
 impl ModelData {
@@ -86,6 +89,7 @@ impl ModelData {
             spill,
             source,
             pack: None,
+            mapped: false,
         }
     }
 

@@ -232,6 +232,7 @@ impl Transfer {
                 g.set_data(&empty);
             }
             let pack = d.pack.take();
+            d.mapped = false;
             d.disk_versions = d.groups.iter().map(Group::version).collect();
             tracing::debug!(elapsed = ?start.elapsed(), "spilled");
             counters.move_nanos.fetch_add(start.elapsed().as_nanos() as u64, Relaxed);
@@ -310,6 +311,7 @@ impl Transfer {
             }
             check_shapes(&c.name, &path, &d.groups, &ts)?;
             d.pack = pack;
+            d.mapped = was_mapped;
             for (g, t) in d.groups.iter_mut().zip(&ts) {
                 g.set_data(t);
             }

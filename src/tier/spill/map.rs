@@ -62,8 +62,10 @@ pub(super) fn map_tensors(
     if jobs.iter().any(|job| job.range.start % job.kind.elt_size_in_bytes() != 0) {
         return Ok(Read { tensors: Vec::new(), sums: Vec::new(), mapped: false, verified: None, stamp });
     }
-    // Hints only: a cold file is read ahead aggressively, all of it at once.
-    let _ = map.advise(Advice::Sequential);
+    // A hint only: a cold file's ranges are read ahead, each at once. (Not
+    // `MADV_SEQUENTIAL`: on a mapping of the whole file it halved the speed
+    // of populating a cold range, and slowed the compute of other threads by
+    // as much, in a measurement on Linux 6.18; see BENCHMARKS.md.)
     for job in jobs.iter().filter(|job| !job.range.is_empty()) {
         let _ = map.advise_range(Advice::WillNeed, job.range.start, job.range.len());
     }
