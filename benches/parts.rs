@@ -15,6 +15,10 @@
 //! - `floor_read`: reading, sequentially with `read`, the bytes sire streams in
 //!   a pass, from the same file (the transfer floor).
 //!
+//! - `manual`: a hand-written streamer with the same schedule and no
+//!   runtime: as many layers resident as sire keeps (the file mapped), every
+//!   other layer mapped and populated by a thread started one layer ahead,
+//!   unmapped after use (it holds one part more than sire's budget).
 //! - `floor_both`: the two at once, perfectly overlapped: the bytes sire
 //!   streams read into memory by a second thread (a populated mapping, the
 //!   cheapest way measured) while the pass computes over weights in memory.
@@ -147,6 +151,62 @@ fn populate_streamed(path: &Path, from: u64) {
     assert_eq!(rc, 0, "MADV_POPULATE_READ: {}", std::io::Error::last_os_error());
 }
 
+/// One layer's weight mapped privately from the file and populated: the
+/// mapping and the offset of the weight in it.
+fn map_layer(path: &Path, offset: u64) -> (memmap2::MmapMut, usize) {
+    let file = std::fs::File::open(path).unwrap();
+    let start = offset / 4096 * 4096;
+    let len = (offset - start + LAYER_BYTES) as usize;
+    // SAFETY: the benchmark's own file, not modified while mapped.
+    let map = unsafe { memmap2::MmapOptions::new().offset(start).len(len).map_copy(&file).unwrap() };
+    // SAFETY: an advice on the mapping above; it only reads pages in.
+    unsafe { libc::madvise(map.as_ptr() as *mut libc::c_void, map.len(), libc::MADV_POPULATE_READ) };
+    (map, (offset - start) as usize)
+}
+
+/// The hand-written streamer: the first `resident` layers mapped once; each
+/// pass maps every other layer on a thread started when the layer before it
+/// is taken (one ahead), and unmaps it after use.
+struct Manual {
+    path: PathBuf,
+    offsets: Vec<u64>,
+    resident: Vec<(memmap2::MmapMut, usize)>,
+}
+
+fn manual(path: &Path, resident: usize) -> Manual {
+    let bytes = std::fs::read(path).unwrap();
+    let (header, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let offsets: Vec<u64> = (0..layers())
+        .map(|i| (8 + header + meta.info(&format!("l{i}.w")).unwrap().data_offsets.0) as u64)
+        .collect();
+    let resident = offsets[..resident].iter().map(|&o| map_layer(path, o)).collect();
+    Manual { path: path.to_owned(), offsets, resident }
+}
+
+fn manual_pass(m: &Manual, x: &Tensor) -> Tensor {
+    let n = m.offsets.len();
+    let r = m.resident.len();
+    let start = |i: usize| {
+        let (path, offset) = (m.path.clone(), m.offsets[i]);
+        std::thread::spawn(move || map_layer(&path, offset))
+    };
+    let mut next = (r < n).then(|| start(r));
+    let mut h = x.shallow_clone();
+    for i in 0..n {
+        let streamed = (i >= r).then(|| next.take().expect("started").join().unwrap());
+        if i + 1 >= r && i + 1 < n {
+            next = Some(start(i + 1));
+        }
+        let (map, at) =
+            streamed.as_ref().map_or_else(|| (&m.resident[i].0, m.resident[i].1), |(m, a)| (m, *a));
+        // SAFETY: the weight lies in the mapping, alive until after its use.
+        let w =
+            unsafe { Tensor::from_blob(map.as_ptr().add(at), &[D, D], &[D, 1], Kind::Float, Device::Cpu) };
+        h = layer(&w, &h);
+    }
+    h
+}
+
 fn status_mib(field: &str) -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines()
@@ -252,6 +312,9 @@ fn main() {
     );
 
     let in_memory: Vec<Tensor> = mapped(&path).weights.iter().map(Tensor::copy).collect();
+    // As many layers resident as sire keeps at steady state (it streams the rest).
+    let hand = manual(&path, layers() - (streamed / LAYER_BYTES) as usize);
+    assert!(manual_pass(&hand, &x).allclose(&want, 1e-5, 1e-5, false), "the manual pass differs");
     let file = std::fs::File::open(&path).unwrap();
     let mut buf = vec![0u8; 8 << 20];
     let len = std::fs::metadata(&path).unwrap().len();
@@ -295,6 +358,17 @@ fn main() {
                         in_memory.iter().fold(x.shallow_clone(), |h, w| layer(w, &h))
                     })
                 },
+                BatchSize::PerIteration,
+            )
+        });
+        g.bench_function("manual", |b| {
+            b.iter_batched(
+                || {
+                    if cold {
+                        drop_cache(&path)
+                    }
+                },
+                |()| manual_pass(&hand, &x),
                 BatchSize::PerIteration,
             )
         });
