@@ -137,30 +137,23 @@ fn mapped_pass(m: &Mapped, x: &Tensor) -> Tensor {
     m.weights.iter().fold(x.shallow_clone(), |h, w| layer(w, &h))
 }
 
-/// Reads the file's bytes from `from` on into memory at the least CPU cost
-/// measured here: a private mapping populated at once
-/// (`MADV_POPULATE_READ`), then dropped.
-fn populate_streamed(path: &Path, from: u64) {
+/// `len` bytes of the file from `offset` on, read into memory at the least
+/// CPU cost measured here: a private mapping populated at once
+/// (`MADV_POPULATE_READ`). Returns the mapping and where `offset` lies in it.
+fn populate(path: &Path, offset: u64, len: u64) -> (memmap2::MmapMut, usize) {
     let file = std::fs::File::open(path).unwrap();
-    let start = from / 4096 * 4096;
-    // SAFETY: the benchmark's own file, not modified while mapped; only
-    // populated, never read through the mapping.
-    let map = unsafe { memmap2::MmapOptions::new().offset(start).map_copy_read_only(&file).unwrap() };
+    let start = offset / 4096 * 4096;
+    // SAFETY: the benchmark's own file, not modified while mapped.
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(start)
+            .len((offset - start + len) as usize)
+            .map_copy(&file)
+            .unwrap()
+    };
     // SAFETY: an advice on the mapping above; it only reads pages in.
     let rc = unsafe { libc::madvise(map.as_ptr() as *mut libc::c_void, map.len(), libc::MADV_POPULATE_READ) };
     assert_eq!(rc, 0, "MADV_POPULATE_READ: {}", std::io::Error::last_os_error());
-}
-
-/// One layer's weight mapped privately from the file and populated: the
-/// mapping and the offset of the weight in it.
-fn map_layer(path: &Path, offset: u64) -> (memmap2::MmapMut, usize) {
-    let file = std::fs::File::open(path).unwrap();
-    let start = offset / 4096 * 4096;
-    let len = (offset - start + LAYER_BYTES) as usize;
-    // SAFETY: the benchmark's own file, not modified while mapped.
-    let map = unsafe { memmap2::MmapOptions::new().offset(start).len(len).map_copy(&file).unwrap() };
-    // SAFETY: an advice on the mapping above; it only reads pages in.
-    unsafe { libc::madvise(map.as_ptr() as *mut libc::c_void, map.len(), libc::MADV_POPULATE_READ) };
     (map, (offset - start) as usize)
 }
 
@@ -179,7 +172,7 @@ fn manual(path: &Path, resident: usize) -> Manual {
     let offsets: Vec<u64> = (0..layers())
         .map(|i| (8 + header + meta.info(&format!("l{i}.w")).unwrap().data_offsets.0) as u64)
         .collect();
-    let resident = offsets[..resident].iter().map(|&o| map_layer(path, o)).collect();
+    let resident = offsets[..resident].iter().map(|&o| populate(path, o, LAYER_BYTES)).collect();
     Manual { path: path.to_owned(), offsets, resident }
 }
 
@@ -188,7 +181,7 @@ fn manual_pass(m: &Manual, x: &Tensor) -> Tensor {
     let r = m.resident.len();
     let start = |i: usize| {
         let (path, offset) = (m.path.clone(), m.offsets[i]);
-        std::thread::spawn(move || map_layer(&path, offset))
+        std::thread::spawn(move || populate(&path, offset, LAYER_BYTES))
     };
     let mut next = (r < n).then(|| start(r));
     let mut h = x.shallow_clone();
@@ -330,58 +323,35 @@ fn main() {
 
     for mode in ["warm", "cold"] {
         let cold = mode == "cold";
+        // Before each timed pass: the file dropped from the page cache, if cold.
+        let setup = || {
+            if cold {
+                drop_cache(&path)
+            }
+        };
+        let compute = || in_memory.iter().fold(x.shallow_clone(), |h, w| layer(w, &h));
         let mut g = c.benchmark_group(format!("parts_{mode}"));
-        g.bench_function("floor_compute", |b| {
-            b.iter(|| in_memory.iter().fold(x.shallow_clone(), |h, w| layer(w, &h)))
-        });
+        g.bench_function("floor_compute", |b| b.iter(compute));
         g.bench_function("floor_read", |b| {
-            b.iter_batched(
-                || {
-                    if cold {
-                        drop_cache(&path)
-                    }
-                },
-                |()| read_streamed(&mut buf),
-                BatchSize::PerIteration,
-            )
+            b.iter_batched(setup, |()| read_streamed(&mut buf), BatchSize::PerIteration)
         });
         g.bench_function("floor_both", |b| {
             b.iter_batched(
-                || {
-                    if cold {
-                        drop_cache(&path)
-                    }
-                },
+                setup,
                 |()| {
                     std::thread::scope(|scope| {
-                        scope.spawn(|| populate_streamed(&path, len - streamed));
-                        in_memory.iter().fold(x.shallow_clone(), |h, w| layer(w, &h))
+                        scope.spawn(|| populate(&path, len - streamed, streamed));
+                        compute()
                     })
                 },
                 BatchSize::PerIteration,
             )
         });
         g.bench_function("manual", |b| {
-            b.iter_batched(
-                || {
-                    if cold {
-                        drop_cache(&path)
-                    }
-                },
-                |()| manual_pass(&hand, &x),
-                BatchSize::PerIteration,
-            )
+            b.iter_batched(setup, |()| manual_pass(&hand, &x), BatchSize::PerIteration)
         });
         g.bench_function("sire", |b| {
-            b.iter_batched(
-                || {
-                    if cold {
-                        drop_cache(&path)
-                    }
-                },
-                |()| sire_pass(&sire, &x),
-                BatchSize::PerIteration,
-            )
+            b.iter_batched(setup, |()| sire_pass(&sire, &x), BatchSize::PerIteration)
         });
         if cold {
             g.bench_function("mmap", |b| {
