@@ -15,15 +15,20 @@
 //! - `floor_read`: reading, sequentially with `read`, the bytes sire streams in
 //!   a pass, from the same file (the transfer floor).
 //!
-//! - `manual`: a hand-written streamer with the same schedule and no
-//!   runtime: as many layers resident as sire keeps (the file mapped), every
-//!   other layer mapped and populated by a thread started one layer ahead,
-//!   unmapped after use (it holds one part more than sire's budget).
+//! - `manual`: a hand-written streamer with sire's schedule and no runtime:
+//!   the layers sire keeps mapped once (spread evenly, the first kept); each
+//!   pass maps and populates every other layer on a thread, two at a time
+//!   (the first two started with the pass, each next one when a streamed
+//!   layer has been used), and unmaps it after use.
 //! - `floor_both`: the two at once, perfectly overlapped: the bytes sire
 //!   streams read into memory by a second thread (a populated mapping, the
 //!   cheapest way measured) while the pass computes over weights in memory.
 //!   On a machine whose cores the compute fills, the read's CPU time delays
 //!   the compute: this is what overlap can reach there.
+//!
+//! Each system is built for its own benchmark and dropped after it: the pages
+//! of the layers one keeps mapped survive `drop_cache` and would be warm for
+//! the next.
 //!
 //! The floor of a pass is max(`floor_read`, `floor_compute`). `warm`: the file
 //! in the page cache. `cold`: the file dropped from the page cache before each
