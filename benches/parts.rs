@@ -2,7 +2,8 @@
 //! floor and against mapping every weight, in one run. The model: 16 layers
 //! of `[2048, 2048]` f32 (16 MiB each, 256 MiB; `SIRE_PARTS_LAYERS` sets the
 //! count) in one safetensors file; a pass computes `h ← tanh(W·h)` through
-//! the layers in order, `h` of shape `[2048, 64]`. Each iteration is one pass.
+//! the layers in order, `h` of shape `[2048, 64]` (`SIRE_PARTS_BATCH` sets the
+//! 64). Each iteration is one pass.
 //!
 //! - `sire`: the file registered with `manage_parts` (one part a layer) in
 //!   pools with a host budget of half the model; a pass is a `Stream` (next
@@ -57,7 +58,12 @@ use sire::{ManageOptions, Parted, ResourcePoolManagement, Split, TensorSet};
 use tch::{Device, Kind, Tensor};
 
 const D: i64 = 2048;
-const BATCH: i64 = 64;
+
+/// Columns of `h` (`SIRE_PARTS_BATCH`, default 64): more makes each layer's
+/// compute longer against its read.
+fn batch() -> i64 {
+    std::env::var("SIRE_PARTS_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
+}
 const LAYER_BYTES: u64 = (D * D * 4) as u64;
 
 fn layers() -> usize {
@@ -76,7 +82,7 @@ fn write_model(dir: &Path) -> PathBuf {
 
 fn input() -> Tensor {
     tch::manual_seed(1);
-    Tensor::randn([D, BATCH], (Kind::Float, Device::Cpu))
+    Tensor::randn([D, batch()], (Kind::Float, Device::Cpu))
 }
 
 fn layer(w: &Tensor, h: &Tensor) -> Tensor {
