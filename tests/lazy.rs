@@ -8,8 +8,18 @@ use common::*;
 use sire::{Location, TensorSet};
 use tch::{Device, Kind, Tensor};
 
-/// Resident set size of this process, bytes.
+/// Resident set size of this process, bytes, after giving the C allocator's
+/// free memory back (`malloc_trim`): the temporaries of the test's own
+/// checks (a sum in f64 allocates a copy of the tensor, often in a thread's
+/// arena) are not the runtime's memory, and sire trims the allocator only
+/// when it frees memory of its own (not when it unmaps weights mapped from
+/// their file), so without this they could count for up to a model's size.
 fn rss() -> u64 {
+    // SAFETY: malloc_trim has no preconditions; it only returns free pages.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
     let s = std::fs::read_to_string("/proc/self/statm").unwrap();
     s.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4096
 }
