@@ -17,10 +17,10 @@
 //!   a pass, from the same file (the transfer floor).
 //!
 //! - `manual`: a hand-written streamer with sire's schedule and no runtime:
-//!   the layers sire keeps mapped once (spread evenly, the first kept); each
-//!   pass maps and populates every other layer on a thread, two at a time
-//!   (the first two started with the pass, each next one when a streamed
-//!   layer has been used), and unmaps it after use.
+//!   the layers sire keeps resident at steady state mapped once; each pass
+//!   maps and populates every other layer on a thread, one at a time (the
+//!   first started with the pass, each next one when the streamed layer
+//!   before it has been used), and unmaps it after use.
 //! - `floor_both`: the two at once, perfectly overlapped: the bytes sire
 //!   streams read into memory by a second thread (a populated mapping, the
 //!   cheapest way measured) while the pass computes over weights in memory.
@@ -169,9 +169,9 @@ fn populate(path: &Path, offset: u64, len: u64) -> (memmap2::MmapMut, usize) {
 }
 
 /// The hand-written streamer: the layers in `keep` mapped once; each pass
-/// maps every other layer on a thread, two at a time (the first two started
-/// with the pass, each next one when a streamed layer has been used), and
-/// unmaps it after use.
+/// maps and populates every other layer on a thread (the first started with
+/// the pass, each next one when the streamed layer before it has been used),
+/// and unmaps it after use.
 struct Manual {
     path: PathBuf,
     offsets: Vec<u64>,
@@ -195,12 +195,11 @@ fn manual_pass(m: &Manual, x: &Tensor) -> Tensor {
         std::thread::spawn(move || populate(&path, offset, LAYER_BYTES))
     };
     let mut streamed = (0..m.offsets.len()).filter(|&i| m.resident[i].is_none());
-    let mut pending: std::collections::VecDeque<_> =
-        streamed.by_ref().take(2).map(|i| (i, start(i))).collect();
+    let mut next = streamed.next().map(|i| (i, start(i)));
     let mut h = x.shallow_clone();
     for (i, resident) in m.resident.iter().enumerate() {
         let read = resident.is_none().then(|| {
-            let (j, read) = pending.pop_front().expect("started");
+            let (j, read) = next.take().expect("started");
             assert_eq!(i, j);
             read.join().unwrap()
         });
@@ -211,7 +210,7 @@ fn manual_pass(m: &Manual, x: &Tensor) -> Tensor {
         h = layer(&w, &h);
         if read.is_some() {
             drop(read);
-            pending.extend(streamed.next().map(|j| (j, start(j))));
+            next = streamed.next().map(|j| (j, start(j)));
         }
     }
     h
@@ -317,15 +316,15 @@ fn main() {
         let before = pools.stats().bytes_from_disk;
         let _ = sire_pass(&sire, &x);
         let streamed = pools.stats().bytes_from_disk - before;
-        // The layers sire keeps: spread evenly, the first kept.
-        let (n, k) = (layers(), layers() - (streamed / LAYER_BYTES) as usize);
-        let keep: Vec<usize> = (0..k).map(|j| (j * n).div_ceil(k)).collect();
-        let resident = sire.resident();
-        assert!(keep.iter().all(|i| resident.contains(i)), "sire keeps {resident:?}, not {keep:?}");
+        // The layers sire keeps between passes, as many as it does not stream
+        // (it has one more resident at the end of a pass, the first it
+        // evicts in the next): the manual streamer keeps the same ones.
+        let mut keep = sire.resident();
+        keep.truncate(layers() - (streamed / LAYER_BYTES) as usize);
         (streamed, keep)
     };
     println!(
-        "parts: {} layers, {} MiB, budget {} MiB; a pass streams {} MiB; kept: {keep:?}",
+        "parts: {} layers, {} MiB, budget {} MiB; a pass streams {} MiB; keeps {keep:?}",
         layers(),
         (layers() as u64 * LAYER_BYTES) >> 20,
         (layers() as u64 * LAYER_BYTES / 2) >> 20,

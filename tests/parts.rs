@@ -576,9 +576,7 @@ fn the_disk_read_starts_during_the_resident_parts() {
     let dir = tempfile::tempdir().unwrap();
     let ts = layers(8, 17);
     let path = write(dir.path(), &ts);
-    // The budget holds 6 of the 8 parts: the model keeps more than it
-    // streams (the one-slot schedule).
-    let (pools, _d) = pools(6 * PART);
+    let (pools, _d) = pools(4 * PART);
     let m = top_level(&pools, &path);
     let forward: Vec<usize> = (0..8).collect();
     let want = plain(&ts, &forward);
@@ -596,54 +594,7 @@ fn the_disk_read_starts_during_the_resident_parts() {
         }
         check_invariants(&pools.stats());
     }
-    assert!(s.loaded().len() >= 2, "the shortfall streamed: {:?}", s.loaded());
+    assert!(s.loaded().len() >= 4, "the shortfall streamed: {:?}", s.loaded());
     drop(s);
     assert_close(&h, &want, "second");
-}
-
-/// A model that would stream more parts than it keeps (12 parts, the budget
-/// holds 5) keeps parts spread over the pass (3 parts: the budget less two
-/// streaming slots), streams the others two at a time, starting both while
-/// a kept part computes, within the budget after every part. Which streamed
-/// part a prefetch evicts depends on when its thread runs (one released just
-/// before, or one left resident from the last pass and needed later, which
-/// is then not read), so the bytes read vary by a part or two.
-#[test]
-fn a_model_over_twice_the_budget_keeps_parts_spread_and_reads_two_ahead() {
-    let dir = tempfile::tempdir().unwrap();
-    let ts = layers(12, 23);
-    let path = write(dir.path(), &ts);
-    let (pools, _d) = pools(5 * PART);
-    // By prefix: the file holds `l10` before `l2`.
-    let prefixes = (0..12).map(|i| format!("l{i}.")).collect();
-    let set = TensorSet::from_safetensors(&path).unwrap();
-    let m = pools.manage_parts(set, Split::Prefixes(prefixes), ManageOptions::new()).unwrap();
-    let forward: Vec<usize> = (0..12).collect();
-    let want = plain(&ts, &forward);
-    assert_close(&pass(&m, &forward), &want, "first");
-    let kept = [0, 4, 8];
-    let mut reads = Vec::new();
-    for round in 0..3 {
-        let resident = m.resident();
-        let held = kept.iter().filter(|i| resident.contains(i)).count();
-        assert!(held >= 2, "round {round}: {resident:?} keeps {kept:?}");
-        assert!(resident.len() <= 5, "round {round}: {resident:?}");
-        let before = pools.stats().bytes_from_disk;
-        let mut s = m.stream();
-        let mut h = input();
-        for i in 0..12 {
-            let p = s.part(i).unwrap();
-            h = layer(&p.get(&format!("l{i}.w")).unwrap(), &p.get(&format!("l{i}.b")).unwrap(), &h);
-            if i == 0 {
-                assert_eq!(s.loaded(), [1, 2], "round {round}: two reads start while part 0 computes");
-            }
-            check_invariants(&pools.stats());
-        }
-        drop(s);
-        assert_close(&h, &want, &format!("round {round}"));
-        reads.push((pools.stats().bytes_from_disk - before) / PART);
-    }
-    // The 9 streamed parts each pass, give or take a part or two.
-    assert!(reads.iter().all(|r| (7..=10).contains(r)), "parts read per pass: {reads:?}");
-    assert!(reads.iter().sum::<u64>() <= 28, "parts read per pass: {reads:?}");
 }

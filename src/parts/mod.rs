@@ -6,11 +6,10 @@
 //! budgets, the disk tier, mapping, statistics and events work per part with
 //! no change to the engine. What this file adds is the order: a [`Stream`]
 //! (one pass over the model) takes each part just in time, releases the one
-//! before, prefetches the ones expected next, learns the execution order from
+//! before, prefetches the one expected next, learns the execution order from
 //! the passes it sees, and orders the recency of the model's idle parts so
 //! that, between passes, the parts that stay resident are the ones the next
-//! pass needs first or, for a model that streams more than it keeps, parts
-//! spread over the pass (see [`Stream`]).
+//! pass needs first.
 
 mod run;
 mod script;
@@ -409,17 +408,15 @@ impl Parted {
         for (p, &i) in expected.iter().enumerate() {
             position[i].get_or_insert(p);
         }
-        let keep = self.plan(&expected);
         for (i, m) in self.parts.iter().enumerate() {
             let p = position[i].unwrap_or(expected.len() + i) as u64;
-            m.set_last_used(stamp(base, window, keep.as_ref().map(|k| k[i]), false, p));
+            m.set_last_used(base + 2 * window - 1 - p.min(window - 1));
         }
         Stream {
             parted: self,
             current: None,
             span: None,
-            ahead: Vec::new(),
-            keep,
+            next: None,
             expected,
             pos: None,
             seen: Vec::new(),
@@ -429,85 +426,6 @@ impl Parted {
             loaded: Vec::new(),
         }
     }
-}
-
-impl Parted {
-    /// The parts a pass keeps resident for the next one, where the model
-    /// streams more parts than it keeps (see [`Stream`], "What stays
-    /// resident"): `None` where the one-slot schedule applies.
-    ///
-    /// With one slot, the part the budget cannot hold is read while the
-    /// parts before it compute; where more parts stream than stay, streamed
-    /// parts follow one another and each read holds up the compute. The
-    /// stream then keeps two parts' worth of the budget for streaming and
-    /// keeps resident, of the rest, parts spread evenly over the pass's order
-    /// (the first part first), so that every read has computes to hide
-    /// behind and two reads can be under way.
-    fn plan(&self, expected: &[usize]) -> Option<Vec<bool>> {
-        let loc = self.parts.first()?.runtime();
-        let budget = self.pools.pools().iter().find(|(l, _)| *l == loc).map(|(_, b)| *b)?;
-        let charges: Vec<u64> = self.parts.iter().map(charge).collect();
-        let total: u64 = charges.iter().sum();
-        let largest = charges.iter().copied().max()?;
-        let one_slot = budget.checked_sub(largest)?;
-        // Fits, or (with one slot) keeps at least as much as it streams, or
-        // has no room for two slots and a kept part.
-        if total <= budget || total <= 2 * one_slot || budget < 3 * largest {
-            return None;
-        }
-        let room = budget - 2 * largest;
-        let mut order: Vec<usize> = Vec::with_capacity(self.parts.len());
-        for &i in expected.iter().chain(&(0..self.parts.len()).collect::<Vec<_>>()) {
-            if !order.contains(&i) {
-                order.push(i);
-            }
-        }
-        // A part is kept where the bytes kept so far are at most `room /
-        // total` of the bytes before it (and it fits): an even spread.
-        let (mut kept, mut before) = (0u64, 0u64);
-        let mut keep = vec![false; self.parts.len()];
-        for i in order {
-            let c = charges[i];
-            if kept + c <= room
-                && u128::from(kept) * u128::from(total) <= u128::from(before) * u128::from(room)
-            {
-                keep[i] = true;
-                kept += c;
-            }
-            before += c;
-        }
-        Some(keep)
-    }
-}
-
-/// The recency stamp of a part in a pass's window of `2 * window` stamps
-/// from `base` (the engine evicts the oldest idle part first): `k`-th in its
-/// order, among the parts the pass has `released` or among those it has not
-/// (by the position it needs them at). Without a plan (`kept` `None`), the
-/// upper half goes to the parts not released (the first needed newest) and
-/// the lower half to the released ones (each older than the one before).
-/// With one, quarters: from the oldest, released parts the plan does not
-/// keep (each newer than the one released before), parts not released it
-/// does not keep, released parts it keeps, parts not released it keeps.
-fn stamp(base: u64, window: u64, kept: Option<bool>, released: bool, k: u64) -> u64 {
-    let q = window / 2;
-    let (quarter, span) = match (kept, released) {
-        // Released and not kept: the first released oldest, so that the
-        // parts left resident at the end of a pass are the ones streamed
-        // last, needed last by the next pass (which takes their room first).
-        (Some(false), true) => return base + k.min(q - 1),
-        (None, true) => (0, 2),
-        (None, false) => (2, 2),
-        (Some(false), false) => (1, 1),
-        (Some(true), true) => (2, 1),
-        (Some(true), false) => (3, 1),
-    };
-    base + (quarter + span) * q - 1 - k.min(span * q - 1)
-}
-
-/// What a part takes of its pool's budget when resident.
-fn charge(m: &Managed<TensorSet>) -> u64 {
-    m.size_bytes() + m.core().reserve
 }
 
 /// Whether a part is on its runtime location.
@@ -527,26 +445,13 @@ fn is_resident(m: &Managed<TensorSet>) -> bool {
 /// them in another order is served correctly (a prefetch that guessed wrong
 /// is simply released) and its order is followed from then on.
 ///
-/// **Budget.** A model that keeps at least as many parts resident as it
-/// streams (one slightly over the budget) has at most one prefetch under
-/// way: of the first part expected that is not resident. The part right
-/// after the current one is prefetched when the runtime pool's budget holds
-/// the two together, so a model larger than the budget streams through a
-/// budget of two parts. A part further ahead (the parts between are
-/// resident) is prefetched when the room it needs is free or held by parts
-/// this pass has released, so the reads of a partly resident model start
-/// while its resident parts compute.
-///
-/// A model that would stream more parts than it keeps (over about twice the
-/// budget) has streamed parts following one another, and with one slot each
-/// of their reads would hold up the compute. Its stream instead sets two
-/// parts' worth of the budget aside for streaming and keeps resident, of the
-/// rest, parts spread evenly over the pass's order (the first part first):
-/// every streamed part then has kept parts computing before it, and two
-/// prefetches may be under way at once, each started as soon as the room it
-/// needs is free or held by streamed parts the pass has released. Such a
-/// model reads one part more per pass than the one-slot schedule would, to
-/// hide its reads behind the compute.
+/// **Budget.** At most one prefetch is under way: of the first part expected
+/// that is not resident. The part right after the current one is prefetched
+/// when the runtime pool's budget holds the two together, so a model larger
+/// than the budget streams through a budget of two parts. A part further
+/// ahead (the parts between are resident) is prefetched when the room it
+/// needs is free or held by parts this pass has released, so the reads of a
+/// partly resident model start while its resident parts compute.
 ///
 /// **What stays resident.** Within a model streamed in a loop, plain
 /// least-recently-used eviction would evict each part just before it is
@@ -554,10 +459,8 @@ fn is_resident(m: &Managed<TensorSet>) -> bool {
 /// the part it released last is evicted first (it is needed last by the next
 /// pass), and the parts this pass has not reached yet are kept, the one it
 /// needs soonest longest. A model slightly larger than the budget then
-/// reloads only about the shortfall each pass. A model that streams more
-/// than it keeps evicts the parts it streams first (released ones, the first
-/// released first, then the ones needed last), so the parts it keeps stay. Relative to other models,
-/// the parts count as used when the pass started.
+/// reloads only about the shortfall each pass. Relative to other models, the
+/// parts count as used when the pass started.
 ///
 /// ```
 /// # fn main() -> sire::Result<()> {
@@ -586,11 +489,7 @@ pub struct Stream<'a> {
     /// took it until the part is released (a trace shows the part's use),
     /// with that thread.
     span: Option<(tracing::Span, std::thread::ThreadId)>,
-    /// Prefetches under way (or done and not taken yet), oldest first.
-    ahead: Vec<(usize, Pending)>,
-    /// The parts to keep for the next pass, where the model streams more
-    /// than it keeps (see [`Parted::plan`]); `None`: the one-slot schedule.
-    keep: Option<Vec<bool>>,
+    next: Option<(usize, Pending)>,
     /// The order expected (from earlier passes).
     expected: Vec<usize>,
     /// Where this pass is in `expected`.
@@ -611,7 +510,7 @@ impl std::fmt::Debug for Stream<'_> {
         f.debug_struct("Stream")
             .field("model", &self.parted.name)
             .field("current", &self.current.as_ref().map(|(i, _)| *i))
-            .field("prefetching", &self.ahead.iter().map(|(i, _)| *i).collect::<Vec<_>>())
+            .field("prefetching", &self.next.as_ref().map(|(i, _)| *i))
             .field("seen", &self.seen)
             .finish_non_exhaustive()
     }
@@ -639,46 +538,43 @@ impl Stream<'_> {
         }
         if self.current.as_ref().is_none_or(|(c, _)| *c != i) {
             self.release();
-            let guard = match self.ahead.iter().position(|(j, _)| *j == i) {
-                Some(k) => match self.ahead.remove(k).1.wait_traced() {
+            let guard = match self.next.take() {
+                Some((j, pending)) if j == i => match pending.wait_traced() {
                     Ok(g) => g,
                     // The prefetch failed: try again here, for the error.
                     Err(_) => auto_manage_owned(&parts[i])?,
                 },
-                None => {
-                    // Prefetches of parts this pass already took were wrong
-                    // guesses: finish them (the parts stay resident, idle).
-                    let (stale, on): (Vec<_>, Vec<_>) =
-                        std::mem::take(&mut self.ahead).into_iter().partition(|(j, _)| self.seen.contains(j));
-                    self.ahead = on;
-                    for (_, pending) in stale {
-                        drop(pending.wait());
-                    }
+                // A prefetch further ahead (part `i` was resident when it
+                // started): it goes on if part `i` can be had without waiting
+                // for room, which the prefetched part may be holding.
+                Some((j, pending)) if !self.seen.contains(&j) => {
                     let resident = is_resident(&parts[i]);
-                    // Prefetches further ahead (part `i` was resident when
-                    // they started) go on if part `i` can be had without
-                    // waiting for room, which the prefetched parts may hold.
-                    let quick = match self.ahead.is_empty() {
-                        true => None,
-                        false => parts[i].owned_timeout(std::time::Duration::ZERO).ok(),
-                    };
-                    match quick {
-                        Some(g) => {
+                    match parts[i].owned_timeout(std::time::Duration::ZERO) {
+                        Ok(g) => {
+                            self.next = Some((j, pending));
                             if !resident {
                                 self.loaded.push(i);
                             }
                             g
                         }
-                        None => {
-                            for (_, pending) in self.ahead.drain(..) {
-                                drop(pending.wait());
-                            }
+                        Err(_) => {
+                            drop(pending.wait());
                             if !is_resident(&parts[i]) {
                                 self.loaded.push(i);
                             }
                             auto_manage_owned(&parts[i])?
                         }
                     }
+                }
+                other => {
+                    // A guess that was wrong: finish it (the part stays resident, idle).
+                    if let Some((_, pending)) = other {
+                        drop(pending.wait());
+                    }
+                    if !is_resident(&parts[i]) {
+                        self.loaded.push(i);
+                    }
+                    auto_manage_owned(&parts[i])?
                 }
             };
             self.advance(i);
@@ -719,92 +615,61 @@ impl Stream<'_> {
         self.seen.push(i);
     }
 
-    /// Starts prefetching the parts expected after `i` that are not
-    /// resident: one at a time under the one-slot schedule, two with a plan
-    /// (see [`Parted::plan`]).
+    /// Starts prefetching the first part expected after `i` that is not
+    /// resident, if none is under way. The part right after `i` is
+    /// prefetched if the budget holds it beside part `i`; a part further
+    /// ahead (the parts between are resident) only if the room it needs is
+    /// free or held by parts this pass has released (the stream's recency
+    /// order evicts those first), never by parts the pass still needs before
+    /// it. So the disk reads of a model partly resident start during the
+    /// compute of its resident parts, not after it.
     fn prefetch_after(&mut self, i: usize) {
-        let depth = if self.keep.is_some() { 2 } else { 1 };
-        while self.ahead.len() < depth && self.prefetch_one(i) {}
-    }
-
-    /// Starts prefetching the first part expected after `i` that is neither
-    /// resident nor being prefetched, if there is room for it; whether it
-    /// did.
-    ///
-    /// One-slot schedule: the part right after `i` is prefetched if the
-    /// budget holds it beside part `i`; a part further ahead (the parts
-    /// between are resident) only if the room it needs is free or held by
-    /// parts this pass has released (the stream's recency order evicts those
-    /// first), never by parts the pass still needs before it. So the disk
-    /// reads of a model partly resident start during the compute of its
-    /// resident parts, not after it. With a plan: any part ahead, if the room
-    /// it needs is free (less what prefetches not yet started on hold) or
-    /// held by released parts the plan does not keep.
-    fn prefetch_one(&mut self, i: usize) -> bool {
+        if self.next.is_some() {
+            return;
+        }
         let parts = &self.parted.parts;
         let ahead: Vec<usize> = match self.pos {
             Some(p) => self.expected[p + 1..].to_vec(),
             None => (i + 1..parts.len()).collect(),
         };
-        let pending = |j: usize| self.ahead.iter().any(|(p, _)| *p == j);
-        let Some((k, next)) = ahead
-            .iter()
-            .copied()
-            .enumerate()
-            .find(|&(_, j)| j != i && !is_resident(&parts[j]) && !pending(j))
+        let Some((k, next)) =
+            ahead.iter().copied().enumerate().find(|&(_, j)| j != i && !is_resident(&parts[j]))
         else {
-            return false;
+            return;
         };
         let (cur, nxt) = (&parts[i], &parts[next]);
         let loc = nxt.runtime();
-        if k == 0 && self.keep.is_none() {
+        let charge = |m: &Managed<TensorSet>| m.size_bytes() + m.core().reserve;
+        if k == 0 {
             let Some(budget) = self.parted.pools.pools().iter().find(|(l, _)| *l == loc).map(|(_, b)| *b)
             else {
-                return false;
+                return;
             };
             let beside = if cur.runtime() == loc { charge(cur) } else { 0 };
             if beside.saturating_add(charge(nxt)) > budget {
-                return false;
+                return;
             }
         } else {
             let Some((budget, used)) = self.parted.pools.stats().pool(loc).map(|p| (p.budget, p.used)) else {
-                return false;
+                return;
             };
-            // Parts whose room the prefetch may take: those the pass has
-            // released; with a plan, those it does not keep, released or
-            // needed after `next` (from an earlier pass), never those needed
-            // before it.
-            let mut victims: Vec<usize> = match &self.keep {
-                None => self.seen.clone(),
-                Some(keep) => {
-                    self.seen.iter().chain(&ahead[k + 1..]).copied().filter(|&j| !keep[j]).collect()
-                }
-            };
-            victims.retain(|&j| j != i && !pending(j) && !ahead[..k].contains(&j));
-            victims.sort_unstable();
-            victims.dedup();
-            let reclaimable: u64 = victims
+            let mut released: Vec<usize> = self.seen.iter().copied().filter(|&j| j != i).collect();
+            released.sort_unstable();
+            released.dedup();
+            let reclaimable: u64 = released
                 .iter()
                 .map(|&j| &parts[j])
                 .filter(|m| is_resident(m) && m.use_count() == 0 && m.runtime() == loc)
                 .map(charge)
                 .sum();
-            // A prefetch holds its room once it has reserved it (its part is
-            // then resident, moving): count the others.
-            let starting: u64 =
-                self.ahead.iter().map(|(j, _)| &parts[*j]).filter(|m| !is_resident(m)).map(charge).sum();
             let free = budget.saturating_sub(used);
-            if free.saturating_add(reclaimable) < charge(nxt).saturating_add(starting) {
-                return false;
+            if free.saturating_add(reclaimable) < charge(nxt) {
+                return;
             }
         }
-        match Pending::start(nxt) {
-            Some(p) => {
-                self.loaded.push(next);
-                self.ahead.push((next, p));
-                true
-            }
-            None => false,
+        if let Some(pending) = Pending::start(nxt) {
+            self.loaded.push(next);
+            self.next = Some((next, pending));
         }
     }
 
@@ -830,8 +695,8 @@ impl Stream<'_> {
             }
         }
         if let Some((c, guard)) = self.current.take() {
-            let kept = self.keep.as_ref().map(|k| k[c]);
-            self.parted.parts[c].set_last_used(stamp(self.base, self.window, kept, true, self.released));
+            let k = self.released.min(self.window - 1);
+            self.parted.parts[c].set_last_used(self.base + self.window - 1 - k);
             self.released += 1;
             drop(guard);
         }
@@ -897,8 +762,8 @@ impl Pending {
 impl Drop for Stream<'_> {
     fn drop(&mut self) {
         self.release();
-        // Waited for, so that nothing is held once the stream is gone.
-        for (_, pending) in self.ahead.drain(..) {
+        if let Some((_, pending)) = self.next.take() {
+            // Waited for, so that nothing is held once the stream is gone.
             drop(pending.wait());
         }
         // The order to follow: this pass's, unless it stopped within the
