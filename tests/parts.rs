@@ -42,6 +42,25 @@ fn top_level(pools: &sire::ResourcePoolManagement, path: &std::path::Path) -> Pa
         .unwrap()
 }
 
+/// A test's model: `n` layers (from `seed`) written to a file and registered
+/// one part per layer in pools with a host budget of `budget` bytes; the
+/// folders live as long as it does.
+struct Fixture {
+    ts: Vec<(String, Tensor)>,
+    pools: sire::ResourcePoolManagement,
+    m: Parted,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+fn fixture(n: usize, seed: i64, budget: u64) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let ts = layers(n, seed);
+    let path = write(dir.path(), &ts);
+    let (pools, spill) = pools(budget);
+    let m = top_level(&pools, &path);
+    Fixture { ts, pools, m, _dirs: (dir, spill) }
+}
+
 /// One layer: `h ← tanh(mean over blocks of (w @ h) + b)`, `h` of shape `[64, 1]`.
 fn layer(w: &Tensor, b: &Tensor, h: &Tensor) -> Tensor {
     let y = w.view([-1, 64]).mm(h).view([-1, 64, 1]).mean_dim(0, false, Kind::Float);
@@ -224,11 +243,7 @@ fn a_change_of_order_is_followed() {
 /// and any prefetch), the accounting holds, and the next pass works.
 #[test]
 fn a_panic_inside_a_part_releases_everything() {
-    let dir = tempfile::tempdir().unwrap();
-    let ts = layers(6, 5);
-    let path = write(dir.path(), &ts);
-    let (pools, _d) = pools(3 * PART);
-    let m = top_level(&pools, &path);
+    let Fixture { ts, pools, m, _dirs } = fixture(6, 5, 3 * PART);
     let forward: Vec<usize> = (0..6).collect();
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut s = m.stream();
@@ -299,11 +314,7 @@ fn parted_and_streams_cross_threads() {
 /// budget of three parts: both get the right outputs and the accounting holds.
 #[test]
 fn concurrent_passes_share_the_budget() {
-    let dir = tempfile::tempdir().unwrap();
-    let ts = layers(6, 8);
-    let path = write(dir.path(), &ts);
-    let (pools, _d) = pools(3 * PART);
-    let m = top_level(&pools, &path);
+    let Fixture { ts, pools, m, _dirs } = fixture(6, 8, 3 * PART);
     let forward: Vec<usize> = (0..6).collect();
     let backward: Vec<usize> = (0..6).rev().collect();
     std::thread::scope(|s| {
@@ -324,11 +335,7 @@ fn concurrent_passes_share_the_budget() {
 /// the current part), each part loads when taken, and the outputs are right.
 #[test]
 fn a_budget_of_one_part_streams_without_prefetching() {
-    let dir = tempfile::tempdir().unwrap();
-    let ts = layers(4, 9);
-    let path = write(dir.path(), &ts);
-    let (pools, _d) = pools(PART * 3 / 2);
-    let m = top_level(&pools, &path);
+    let Fixture { ts, pools, m, _dirs } = fixture(4, 9, PART * 3 / 2);
     let forward: Vec<usize> = (0..4).collect();
     for round in 0..2 {
         assert_close(&pass(&m, &forward), &plain(&ts, &forward), &format!("pass {round}"));
@@ -382,11 +389,7 @@ fn hooked_parts_stream_in_the_forwards_order_and_release_on_panic() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use tch::nn::Module;
-    let dir = tempfile::tempdir().unwrap();
-    let ts = layers(6, 12);
-    let path = write(dir.path(), &ts);
-    let (pools, _d) = pools(2 * PART);
-    let m = top_level(&pools, &path);
+    let Fixture { ts, pools, m, _dirs } = fixture(6, 12, 2 * PART);
     let order = vec![5, 0, 3, 1, 4, 2];
     let fail = Arc::new(AtomicBool::new(false));
     let (o, f) = (order.clone(), fail.clone());
@@ -421,11 +424,7 @@ fn hooked_parts_stream_in_the_forwards_order_and_release_on_panic() {
 #[test]
 fn commits_patch_the_parts_that_hold_their_weights() {
     use sire::Commit;
-    let dir = tempfile::tempdir().unwrap();
-    let ts = layers(8, 13);
-    let path = write(dir.path(), &ts);
-    let (pools, _d) = pools(2 * PART);
-    let m = top_level(&pools, &path);
+    let Fixture { ts, pools, m, _dirs } = fixture(8, 13, 2 * PART);
     assert_eq!(m.tensor_names().len(), 16);
     tch::manual_seed(14);
     let (a1, b1) = (
@@ -573,11 +572,7 @@ fn other_models_evict_idle_parts_and_events_name_them() {
 /// parts it released), not once it reaches the missing part.
 #[test]
 fn the_disk_read_starts_during_the_resident_parts() {
-    let dir = tempfile::tempdir().unwrap();
-    let ts = layers(8, 17);
-    let path = write(dir.path(), &ts);
-    let (pools, _d) = pools(4 * PART);
-    let m = top_level(&pools, &path);
+    let Fixture { ts, pools, m, _dirs } = fixture(8, 17, 4 * PART);
     let forward: Vec<usize> = (0..8).collect();
     let want = plain(&ts, &forward);
     assert_close(&pass(&m, &forward), &want, "first");
