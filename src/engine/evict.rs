@@ -44,43 +44,51 @@ impl Engine {
         }
     }
 
-    /// The idle models that could leave `loc` now, for the policy.
-    pub(super) fn candidates(
+    /// The idle models that could leave `loc` now, for the policy, and the
+    /// bytes in `loc` held by models in use or moving (waiting may free
+    /// them). One reading of each model's use count decides which it is: a
+    /// guard taken or dropped without the lock between two readings would
+    /// otherwise count a model as neither, and a wait that would succeed
+    /// fail at once as [`Room::Full`].
+    fn candidates(
         &self,
         lk: &Ledger,
         loc: Location,
         exclude: &[u64],
         failed: &[u64],
-    ) -> Vec<Candidate> {
-        lk.entries()
-            .filter(|e| !exclude.contains(&e.core.id) && !failed.contains(&e.core.id))
-            .filter_map(|e| {
-                let (c, r) = (&e.core, e.res());
-                if e.moving || c.uses_for_waiter() > 0 {
-                    return None;
-                }
-                let present = match loc {
-                    Location::Cuda(_) => r.dev && c.runtime() == loc,
-                    Location::Cpu => r.host,
-                    Location::Disk => false,
-                };
-                if !present {
-                    return None;
-                }
-                let spill =
-                    loc == Location::Cpu || (c.offload == Location::Disk && c.runtime() == Location::Cpu);
-                if spill && lk.pool(Location::Disk).is_none() {
-                    return None; // nowhere to put it (as `claim` decides)
-                }
-                let write = if spill { disk_write(c, r).1 } else { 0 };
-                Some(Candidate {
-                    id: c.id,
-                    last_used: c.last_used.load(Relaxed),
-                    charge: r.charge(c, loc),
-                    write,
-                })
-            })
-            .collect()
+    ) -> (Vec<Candidate>, u64) {
+        let mut busy = 0;
+        let mut cands = Vec::new();
+        for e in lk.entries().filter(|e| !exclude.contains(&e.core.id)) {
+            let (c, r) = (&e.core, e.res());
+            if e.moving || c.uses_for_waiter() > 0 {
+                busy += r.charge(c, loc);
+                continue;
+            }
+            if failed.contains(&c.id) {
+                continue;
+            }
+            let present = match loc {
+                Location::Cuda(_) => r.dev && c.runtime() == loc,
+                Location::Cpu => r.host,
+                Location::Disk => false,
+            };
+            if !present {
+                continue;
+            }
+            let spill = loc == Location::Cpu || (c.offload == Location::Disk && c.runtime() == Location::Cpu);
+            if spill && lk.pool(Location::Disk).is_none() {
+                continue; // nowhere to put it (as `claim` decides)
+            }
+            let write = if spill { disk_write(c, r).1 } else { 0 };
+            cands.push(Candidate {
+                id: c.id,
+                last_used: c.last_used.load(Relaxed),
+                charge: r.charge(c, loc),
+                write,
+            });
+        }
+        (cands, busy)
     }
 
     /// Looks for `need` bytes in `loc` (see [`policy::room`]).
@@ -94,14 +102,10 @@ impl Engine {
         physical: Option<u64>,
     ) -> Room {
         let Some(p) = lk.pool(loc) else { return Room::Full };
-        let busy = lk
-            .entries()
-            .filter(|e| !exclude.contains(&e.core.id) && (e.moving || e.core.uses_for_waiter() > 0))
-            .map(|e| e.res().charge(&e.core, loc))
-            .sum();
+        let (cands, busy) = self.candidates(lk, loc, exclude, failed);
         let view =
             PoolView { budget: p.budget, used: p.used(), physical, busy, disk_free: lk.free(Location::Disk) };
-        policy::room(view, need, self.candidates(lk, loc, exclude, failed))
+        policy::room(view, need, cands)
     }
 
     /// Claims the policy's victims (see [`Engine::claim`]). A victim refused
@@ -114,11 +118,13 @@ impl Engine {
         from: Location,
         failed: &mut Vec<u64>,
     ) -> Vec<Claim<'a>> {
-        let claims = self.claim(lk, victims, from);
+        let mut raced = Vec::new();
+        let claims = self.claim_racing(lk, victims, from, &mut raced);
         for &v in victims {
             let claimed = claims.iter().any(|c| c.reservation.core.id == v);
-            let busy = lk.get(v).is_some_and(|e| e.moving || e.core.uses_for_waiter() > 0);
-            if !claimed && !busy {
+            // One that a guard took first is not failed: it is busy, or was
+            // and is idle again (evictable, and waited for, the next time).
+            if !claimed && !raced.contains(&v) {
                 failed.push(v);
             }
         }
@@ -129,11 +135,24 @@ impl Engine {
     /// disk bytes its write needs reserved; any that stopped being evictable
     /// (a guard arrived first) is skipped.
     pub(super) fn claim<'a>(&'a self, lk: &mut Locked<'a>, ids: &[u64], from: Location) -> Vec<Claim<'a>> {
+        self.claim_racing(lk, ids, from, &mut Vec::new())
+    }
+
+    /// [`Engine::claim`], adding to `raced` the models skipped because they
+    /// were in use or moving (a guard arrived first).
+    fn claim_racing<'a>(
+        &'a self,
+        lk: &mut Locked<'a>,
+        ids: &[u64],
+        from: Location,
+        raced: &mut Vec<u64>,
+    ) -> Vec<Claim<'a>> {
         let mut claims = Vec::new();
         for &id in ids {
             let Some(e) = lk.get(id) else { continue };
             let (c, r) = (e.core.clone(), e.res());
             if e.moving || c.uses_for_waiter() > 0 {
+                raced.push(id);
                 continue;
             }
             let present = match from {
@@ -158,6 +177,7 @@ impl Engine {
             // Leaving the runtime location: no guard may exist or start (see the module docs).
             let leaves_runtime = r.on_runtime(&c) && (drop_dev || (c.runtime() == Location::Cpu && spill));
             if leaves_runtime && c.state.compare_exchange(READY, 0, SeqCst, SeqCst).is_err() {
+                raced.push(id);
                 continue; // a guard arrived first
             }
             // The disk bytes of the write are reserved while it runs.
