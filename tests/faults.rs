@@ -552,6 +552,18 @@ impl Patched {
         check_invariants(&s);
         assert_eq!((self.m.use_count(), self.other.use_count()), (0, 0));
     }
+
+    /// Later, with every commit reverted: a round trip through the disk
+    /// gives the base, a new commit `d` gives base + `d`, and the other model
+    /// is untouched.
+    fn round_trip(&self, d: &[f32]) {
+        self.m.offload().unwrap();
+        assert_eq!(Patched::bits(&self.values()), Patched::bits(&self.base));
+        self.m.commit(Commit::delta("w", w(d))).unwrap();
+        assert_eq!(Patched::bits(&self.values()), Patched::bits(&self.expected(&[d])));
+        assert_eq!(weights(&self.other), reference(11, MIB));
+        self.consistent();
+    }
 }
 
 /// A closure commit whose apply panics (squashed with a weight delta): the
@@ -587,13 +599,7 @@ fn a_panic_inside_a_commits_apply() {
     assert_eq!(Patched::bits(&t.values()), Patched::bits(&t.base), "the base, bit for bit");
     assert_eq!(t.level.load(SeqCst), 0);
     t.consistent();
-    // Later: a round trip through the disk, another commit, the other model.
-    t.m.offload().unwrap();
-    assert_eq!(Patched::bits(&t.values()), Patched::bits(&t.base));
-    t.m.commit(Commit::delta("w", w(&d2))).unwrap();
-    assert_eq!(Patched::bits(&t.values()), Patched::bits(&t.expected(&[&d2])));
-    assert_eq!(weights(&t.other), reference(11, MIB));
-    t.consistent();
+    t.round_trip(&d2);
 }
 
 /// A closure commit whose revert panics: the panic reaches the caller, the
@@ -616,12 +622,7 @@ fn a_panic_inside_a_commits_revert() {
     assert_eq!(Patched::bits(&t.values()), Patched::bits(&t.base), "the base, bit for bit");
     assert_eq!(t.level.load(SeqCst), 0, "reverted once");
     t.consistent();
-    t.m.offload().unwrap();
-    assert_eq!(Patched::bits(&t.values()), Patched::bits(&t.base));
-    t.m.commit(Commit::delta("w", w(&d1))).unwrap();
-    assert_eq!(Patched::bits(&t.values()), Patched::bits(&t.expected(&[&d1])));
-    assert_eq!(weights(&t.other), reference(11, MIB));
-    t.consistent();
+    t.round_trip(&d1);
 }
 
 /// Failed moves of a model that carries commits: a spill that fills the disk
