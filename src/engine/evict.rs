@@ -68,12 +68,8 @@ impl Engine {
             if failed.contains(&c.id) {
                 continue;
             }
-            let present = match loc {
-                Location::Cuda(_) => r.dev && c.runtime() == loc,
-                Location::Cpu => r.host,
-                Location::Disk => false,
-            };
-            if !present {
+            // Nothing is evicted from the disk.
+            if loc == Location::Disk || !r.present(c, loc) {
                 continue;
             }
             let spill = loc == Location::Cpu || (c.offload == Location::Disk && c.runtime() == Location::Cpu);
@@ -155,12 +151,7 @@ impl Engine {
                 raced.push(id);
                 continue;
             }
-            let present = match from {
-                Location::Cuda(_) => r.dev && c.runtime() == from,
-                Location::Cpu => r.host,
-                Location::Disk => false,
-            };
-            if !present {
+            if from == Location::Disk || !r.present(&c, from) {
                 continue;
             }
             let from_runtime = from == c.runtime();
