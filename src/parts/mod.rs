@@ -13,6 +13,7 @@
 
 mod run;
 mod script;
+mod worker;
 
 use std::collections::HashMap;
 
@@ -21,11 +22,11 @@ use parking_lot::Mutex;
 pub use run::{hook_parts, HookedParts, Sequential};
 pub use script::ScriptParts;
 
-use crate::error::panic_message;
 use crate::{
     auto_manage_owned, prefetch, Commit, CommitId, CommitInfo, Error, Location, ManageOptions, Managed,
     OwnedGuard, Prefetch, ResourcePoolManagement, ResourceUser, Result, TensorSet,
 };
+use worker::{Answer, Worker};
 
 /// How [`ResourcePoolManagement::manage_parts`] cuts a model into parts.
 ///
@@ -70,6 +71,8 @@ pub struct Parted {
     order: Mutex<Vec<usize>>,
     /// The commits pushed through [`Parted::commit`], oldest first.
     commits: Mutex<Vec<PartedCommit>>,
+    /// Prefetch threads of ended passes, for the next ones.
+    workers: Mutex<Vec<Worker>>,
     pools: ResourcePoolManagement,
 }
 
@@ -150,6 +153,7 @@ impl ResourcePoolManagement {
             owner,
             order: Mutex::new(Vec::new()),
             commits: Mutex::new(Vec::new()),
+            workers: Mutex::new(Vec::new()),
             pools: self.clone(),
         })
     }
@@ -417,6 +421,7 @@ impl Parted {
             current: None,
             span: None,
             next: None,
+            worker: None,
             expected,
             pos: None,
             seen: Vec::new(),
@@ -452,6 +457,10 @@ fn is_resident(m: &Managed<TensorSet>) -> bool {
 /// ahead (the parts between are resident) is prefetched when the room it
 /// needs is free or held by parts this pass has released, so the reads of a
 /// partly resident model start while its resident parts compute.
+///
+/// **Threads.** A host part is prefetched on one thread per pass, woken for
+/// each part (not a thread started per part, which waits for a core while
+/// the compute fills them all); the model keeps it for its next pass.
 ///
 /// **What stays resident.** Within a model streamed in a loop, plain
 /// least-recently-used eviction would evict each part just before it is
@@ -490,6 +499,9 @@ pub struct Stream<'a> {
     /// with that thread.
     span: Option<(tracing::Span, std::thread::ThreadId)>,
     next: Option<(usize, Pending)>,
+    /// The thread that prefetches host parts (taken from the model's idle
+    /// ones, or started, at the first; given back when the pass ends).
+    worker: Option<Worker>,
     /// The order expected (from earlier passes).
     expected: Vec<usize>,
     /// Where this pass is in `expected`.
@@ -667,7 +679,7 @@ impl Stream<'_> {
                 return;
             }
         }
-        if let Some(pending) = Pending::start(nxt) {
+        if let Some(pending) = Pending::start(nxt, self.parted, &mut self.worker) {
             self.loaded.push(next);
             self.next = Some((next, pending));
         }
@@ -708,34 +720,37 @@ enum Pending {
     /// A part that runs on a CUDA device: [`prefetch`], whose copies run on a
     /// side stream.
     Device(Prefetch<TensorSet>),
-    /// A part that runs on the CPU: loaded on a thread of its own, which then
-    /// reads its pages in (weights mapped from their file are read from disk
+    /// A part that runs on the CPU: loaded on the stream's prefetch thread
+    /// ([`Worker`]), which then reads its pages in (weights mapped from their file are read from disk
     /// there, not by the compute that first touches them).
-    Host(std::thread::JoinHandle<Result<OwnedGuard<TensorSet>>>, String),
+    Host(Answer<Result<OwnedGuard<TensorSet>>>, String),
 }
 
 impl Pending {
-    /// Starts prefetching `m`; `None` if no thread could be started.
-    fn start(m: &Managed<TensorSet>) -> Option<Pending> {
+    /// Starts prefetching `m`, a part of `parted`, on `worker` for a host
+    /// part (taken from `parted`'s idle threads, or started, if `None`);
+    /// `None` if no thread could be started.
+    fn start(m: &Managed<TensorSet>, parted: &Parted, worker: &mut Option<Worker>) -> Option<Pending> {
         if m.runtime() != Location::Cpu {
             return Some(Pending::Device(prefetch(m)));
         }
+        if worker.is_none() {
+            let idle = parted.workers.lock().pop();
+            *worker = idle.or_else(|| Worker::start(format!("sire-prefetch-{}", parted.name)));
+        }
         let (m, name) = (m.clone(), m.name().to_string());
-        std::thread::Builder::new()
-            .name(format!("sire-prefetch-{name}"))
-            .spawn(move || {
-                let _span = tracing::debug_span!("sire.prefetch", model = %m.name()).entered();
-                let g = auto_manage_owned(&m)?;
-                for (_, t) in g.tensors() {
-                    if t.defined() && t.numel() > 0 {
-                        let bytes = t.numel() * t.kind().elt_size_in_bytes();
-                        let _ = crate::tier::ffi::read_ahead(t.data_ptr() as *const u8, bytes);
-                    }
+        let answer = worker.as_ref()?.run(move || {
+            let _span = tracing::debug_span!("sire.prefetch", model = %m.name()).entered();
+            let g = auto_manage_owned(&m)?;
+            for (_, t) in g.tensors() {
+                if t.defined() && t.numel() > 0 {
+                    let bytes = t.numel() * t.kind().elt_size_in_bytes();
+                    let _ = crate::tier::ffi::read_ahead(t.data_ptr() as *const u8, bytes);
                 }
-                Ok(g)
-            })
-            .ok()
-            .map(|h| Pending::Host(h, name))
+            }
+            Ok(g)
+        });
+        Some(Pending::Host(answer, name))
     }
 
     /// [`Pending::wait`] for the part the stream takes next, seen in a trace
@@ -752,9 +767,11 @@ impl Pending {
     fn wait(self) -> Result<OwnedGuard<TensorSet>> {
         match self {
             Pending::Device(p) => p.wait(),
-            Pending::Host(h, model) => {
-                h.join().unwrap_or_else(|p| Err(Error::MovePanicked { model, message: panic_message(&*p) }))
-            }
+            Pending::Host(answer, model) => match answer.recv() {
+                Ok(Ok(got)) => got,
+                Ok(Err(message)) => Err(Error::MovePanicked { model, message }),
+                Err(_) => Err(Error::MovePanicked { model, message: "the prefetch thread is gone".into() }),
+            },
         }
     }
 }
@@ -765,6 +782,9 @@ impl Drop for Stream<'_> {
         if let Some((_, pending)) = self.next.take() {
             // Waited for, so that nothing is held once the stream is gone.
             drop(pending.wait());
+        }
+        if let Some(worker) = self.worker.take() {
+            self.parted.workers.lock().push(worker);
         }
         // The order to follow: this pass's, unless it stopped within the
         // expected order (an early end) or a panic cut it short.
@@ -814,5 +834,54 @@ mod tests {
         assert_eq!(g, groups(&[&["layers.1.w"], &["layers.10.w"], &["embed"]]));
         let e = cut("m", &[], &Split::TopLevel).unwrap_err();
         assert!(e.to_string().contains("at least one tensor"), "{e}");
+    }
+
+    /// A pass prefetches its host parts on one thread, which the model keeps
+    /// for the next pass; two passes at once use one each.
+    #[test]
+    fn prefetches_run_on_one_thread_that_the_model_keeps() {
+        let dir = tempfile::tempdir().unwrap();
+        // Six parts of 64 KiB under a budget of four and a half.
+        let pools = ResourcePoolManagement::builder()
+            .cuda(false)
+            .env(false)
+            .cpu_budget(288 << 10)
+            .spill_dir(dir.path())
+            .build()
+            .unwrap();
+        let set = TensorSet::new(
+            (0..6).map(|i| (format!("l{i}.w"), tch::Tensor::ones([128, 128], tch::kind::FLOAT_CPU))),
+        )
+        .unwrap();
+        let m = pools.manage_parts(set, Split::TopLevel, ManageOptions::new()).unwrap();
+        let pass = |m: &Parted| {
+            let mut s = m.stream();
+            let mut threads = Vec::new();
+            for i in 0..6 {
+                s.part(i).unwrap();
+                threads.extend(s.worker.as_ref().map(Worker::id));
+            }
+            assert!(s.loaded().len() >= 2, "parts were prefetched: {:?}", s.loaded());
+            threads
+        };
+        let first = pass(&m);
+        assert!(!first.is_empty() && first.iter().all(|&t| t == first[0]), "one thread a pass: {first:?}");
+        assert_eq!(m.workers.lock().len(), 1, "kept by the model");
+        let second = pass(&m);
+        assert!(second.iter().all(|&t| t == first[0]), "the next pass reuses it: {second:?}");
+        assert_eq!(m.workers.lock().len(), 1);
+        // Two passes at once, each taking a part on disk and prefetching the
+        // next: the second starts a thread of its own.
+        for p in m.parts() {
+            p.offload().unwrap();
+        }
+        let (mut a, mut b) = (m.stream(), m.stream());
+        a.part(0).unwrap();
+        b.part(3).unwrap();
+        let ids = [a.worker.as_ref().map(Worker::id), b.worker.as_ref().map(Worker::id)];
+        assert!(ids.iter().all(Option::is_some) && ids[0] != ids[1], "{ids:?}");
+        drop((a, b));
+        assert_eq!(m.workers.lock().len(), 2);
+        assert!(m.parts().iter().all(|p| p.use_count() == 0));
     }
 }
