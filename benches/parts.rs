@@ -18,9 +18,9 @@
 //!
 //! - `manual`: a hand-written streamer with sire's schedule and no runtime:
 //!   the layers sire keeps resident at steady state mapped once; each pass
-//!   maps and populates every other layer on a thread, one at a time (the
-//!   first started with the pass, each next one when the streamed layer
-//!   before it has been used), and unmaps it after use.
+//!   maps and populates every other layer on one thread, one at a time (the
+//!   first asked for when the pass starts, each next one when the streamed
+//!   layer before it has been used), and unmaps it after use.
 //! - `floor_both`: the two at once, perfectly overlapped: the bytes sire
 //!   streams read into memory by a second thread (a populated mapping, the
 //!   cheapest way measured) while the pass computes over weights in memory.
@@ -169,9 +169,9 @@ fn populate(path: &Path, offset: u64, len: u64) -> (memmap2::MmapMut, usize) {
 }
 
 /// The hand-written streamer: the layers in `keep` mapped once; each pass
-/// maps and populates every other layer on a thread (the first started with
-/// the pass, each next one when the streamed layer before it has been used),
-/// and unmaps it after use.
+/// maps and populates every other layer on one thread (the first asked for
+/// when the pass starts, each next one when the streamed layer before it has
+/// been used), and unmaps it after use.
 struct Manual {
     path: PathBuf,
     offsets: Vec<u64>,
@@ -190,30 +190,44 @@ fn manual(path: &Path, keep: &[usize]) -> Manual {
 }
 
 fn manual_pass(m: &Manual, x: &Tensor) -> Tensor {
-    let start = |i: usize| {
-        let (path, offset) = (m.path.clone(), m.offsets[i]);
-        std::thread::spawn(move || populate(&path, offset, LAYER_BYTES))
-    };
-    let mut streamed = (0..m.offsets.len()).filter(|&i| m.resident[i].is_none());
-    let mut next = streamed.next().map(|i| (i, start(i)));
-    let mut h = x.shallow_clone();
-    for (i, resident) in m.resident.iter().enumerate() {
-        let read = resident.is_none().then(|| {
-            let (j, read) = next.take().expect("started");
-            assert_eq!(i, j);
-            read.join().unwrap()
+    // One reading thread for the pass, woken per layer (a thread started per
+    // layer waits for a core while the compute fills them all).
+    let (jobs, queue) = std::sync::mpsc::channel::<u64>();
+    let (done, reads) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            for offset in queue {
+                let _ = done.send(populate(&m.path, offset, LAYER_BYTES));
+            }
         });
-        let (map, at) = read.as_ref().or(resident.as_ref()).map(|(m, a)| (m, *a)).unwrap();
-        // SAFETY: the weight lies in the mapping, alive until after its use.
-        let w =
-            unsafe { Tensor::from_blob(map.as_ptr().add(at), &[D, D], &[D, 1], Kind::Float, Device::Cpu) };
-        h = layer(&w, &h);
-        if read.is_some() {
-            drop(read);
-            next = streamed.next().map(|j| (j, start(j)));
+        let mut streamed = (0..m.offsets.len()).filter(|&i| m.resident[i].is_none());
+        let mut next = streamed.next();
+        if let Some(i) = next {
+            jobs.send(m.offsets[i]).unwrap();
         }
-    }
-    h
+        let mut h = x.shallow_clone();
+        for (i, resident) in m.resident.iter().enumerate() {
+            let read = resident.is_none().then(|| {
+                assert_eq!(next, Some(i));
+                reads.recv().unwrap()
+            });
+            let (map, at) = read.as_ref().or(resident.as_ref()).map(|(m, a)| (m, *a)).unwrap();
+            // SAFETY: the weight lies in the mapping, alive until after its use.
+            let w = unsafe {
+                Tensor::from_blob(map.as_ptr().add(at), &[D, D], &[D, 1], Kind::Float, Device::Cpu)
+            };
+            h = layer(&w, &h);
+            if read.is_some() {
+                drop(read);
+                next = streamed.next();
+                if let Some(j) = next {
+                    jobs.send(m.offsets[j]).unwrap();
+                }
+            }
+        }
+        drop(jobs);
+        h
+    })
 }
 
 fn status_mib(field: &str) -> f64 {
