@@ -310,6 +310,29 @@ fn keys(reg: &Registry, keys: &[String], all: bool) -> Vec<String> {
     }
 }
 
+/// Runs `f` on each key in turn, going on after a failure (printed, and
+/// listed as `{"key", "error"}`). `f` returns the key's JSON value and its
+/// exit status (0 if it went well). With `--json` the values are printed as
+/// one list at the end. Returns the first key's status that is not 0.
+fn per_key(cli: &Cli, keys: Vec<String>, mut f: impl FnMut(&str) -> Result<(Value, u8), Error>) -> u8 {
+    let mut out = Vec::new();
+    let mut status = 0;
+    for key in keys {
+        let (value, code) = f(&key).unwrap_or_else(|e| {
+            eprintln!("sire: error: {e}");
+            (json!({ "key": key, "error": e.to_string() }), code(&e))
+        });
+        if status == 0 {
+            status = code;
+        }
+        out.push(value);
+    }
+    if cli.json {
+        print_json(&out);
+    }
+    status
+}
+
 fn models(cli: &Cli, command: &Models) -> Result<u8, Failure> {
     let reg = registry(cli, true)?;
     match command {
@@ -348,71 +371,33 @@ fn models(cli: &Cli, command: &Models) -> Result<u8, Failure> {
             }
             Ok(0)
         }
-        Models::Download { keys: k, all } => {
-            let mut out = Vec::new();
-            let mut status = 0;
-            for key in keys(&reg, k, *all) {
-                match reg.download(&key) {
-                    Ok(paths) => {
-                        if !cli.json {
-                            for p in &paths {
-                                println!("{key}\t{}", p.display());
-                            }
-                        }
-                        out.push(json!({ "key": key, "paths": paths }));
-                    }
-                    Err(e) => {
-                        eprintln!("sire: error: {e}");
-                        out.push(json!({ "key": key, "error": e.to_string() }));
-                        if status == 0 {
-                            status = code(&e);
-                        }
-                    }
+        Models::Download { keys: k, all } => Ok(per_key(cli, keys(&reg, k, *all), |key| {
+            let paths = reg.download(key)?;
+            if !cli.json {
+                for p in &paths {
+                    println!("{key}\t{}", p.display());
                 }
             }
-            if cli.json {
-                print_json(&out);
-            }
-            Ok(status)
-        }
-        Models::Validate { keys: k, all } => {
-            let mut out = Vec::new();
-            let mut status = 0;
-            for key in keys(&reg, k, *all) {
-                match reg.validate(&key) {
-                    Ok(v) => {
-                        if !v.available && status == 0 {
-                            status = 3;
-                        }
-                        if !cli.json {
-                            let bad: Vec<String> = v
-                                .files
-                                .iter()
-                                .filter(|f| !matches!(f.state, sire::registry::FileState::Valid))
-                                .map(|f| format!("{}: {:?}", f.path, f.state).to_lowercase())
-                                .collect();
-                            if v.available {
-                                println!("{key}\tvalid");
-                            } else {
-                                println!("{key}\tnot available ({})", bad.join(", "));
-                            }
-                        }
-                        out.push(serde_json::to_value(&v).expect("JSON"));
-                    }
-                    Err(e) => {
-                        eprintln!("sire: error: {e}");
-                        out.push(json!({ "key": key, "error": e.to_string() }));
-                        if status == 0 {
-                            status = code(&e);
-                        }
-                    }
+            Ok((json!({ "key": key, "paths": paths }), 0))
+        })),
+        Models::Validate { keys: k, all } => Ok(per_key(cli, keys(&reg, k, *all), |key| {
+            let v = reg.validate(key)?;
+            if !cli.json {
+                let bad: Vec<String> = v
+                    .files
+                    .iter()
+                    .filter(|f| !matches!(f.state, sire::registry::FileState::Valid))
+                    .map(|f| format!("{}: {:?}", f.path, f.state).to_lowercase())
+                    .collect();
+                if v.available {
+                    println!("{key}\tvalid");
+                } else {
+                    println!("{key}\tnot available ({})", bad.join(", "));
                 }
             }
-            if cli.json {
-                print_json(&out);
-            }
-            Ok(status)
-        }
+            let status = if v.available { 0 } else { 3 };
+            Ok((serde_json::to_value(&v).expect("JSON"), status))
+        })),
         Models::Path { key } => {
             let p = reg.path(key)?;
             if cli.json {
