@@ -3,6 +3,8 @@
 
 use std::sync::Mutex;
 
+use std::os::unix::fs::PermissionsExt;
+
 use super::*;
 
 /// Serializes the tests that measure memory or time.
