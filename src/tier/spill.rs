@@ -514,7 +514,7 @@ impl SpillFile {
         &self.path
     }
 
-    /// Writes `tensors` as the model's spill file (see [`write`]) under a new
+    /// Writes `tensors` as the model's spill file (see [`write_with`]) under a new
     /// identity, which only this file then carries; returns its size in bytes.
     /// The folder must still be private: a directory (not a symlink) of this
     /// process's user that no one else may write to.
@@ -528,7 +528,7 @@ impl SpillFile {
         Ok(size)
     }
 
-    /// Reads the tensors named `names` back (see [`read`]), into `dest` when
+    /// Reads the tensors named `names` back (see [`read_checked`]), into `dest` when
     /// given. Beyond the checks of any read, the file must belong to this
     /// process's user, have a checksum for every tensor and carry the identity
     /// of the model's last write: anything else is [`Error::Corrupt`].
@@ -592,7 +592,7 @@ impl Source {
         &self.path
     }
 
-    /// Reads the tensors named `names` again (see [`read`]), into `dest` when
+    /// Reads the tensors named `names` again (see [`read_checked`]), into `dest` when
     /// given. The file must have the size and modification time it had when
     /// first read (checked before any copy) and each tensor the bytes it had
     /// then (checked as it is copied): a file that changed is
@@ -838,7 +838,7 @@ impl Copier<'_> {
     }
 }
 
-/// Parses a checksum written by [`write`]: exactly 16 lowercase hex digits.
+/// Parses a checksum written by [`write_with`]: exactly 16 lowercase hex digits.
 fn parse_checksum(hex: &str) -> Option<u64> {
     let valid = hex.len() == 16 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
     valid.then(|| u64::from_str_radix(hex, 16).ok()).flatten()
