@@ -38,7 +38,8 @@
 //!
 //! Peak memory: `SIRE_PARTS_RSS=sire` (or `mmap`) runs 5 passes instead of the
 //! benchmark and prints the growth of the peak resident set (VmHWM) over the
-//! model's size and the budget.
+//! model's size and the budget; `memory` copies every weight into memory
+//! first and prints the growth over that: what the compute itself adds.
 //!
 //! `SIRE_PARTS_MAP=0` builds sire's pools with `map_files(false)` (every load
 //! copies). `SIRE_PARTS_TRACE=trace.json` runs 5 cold passes of sire (warm
@@ -247,7 +248,7 @@ fn rss(system: &str) {
     let model_mib = (layers() as u64 * LAYER_BYTES) as f64 / 1048576.0;
     // Reset the peak to the current resident set (writing the model used memory).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-    let start = status_mib("VmRSS:");
+    let mut start = status_mib("VmRSS:");
     let y = match system {
         "sire" => {
             let (_pools, m) = sire_model(&path, dir.path());
@@ -257,7 +258,18 @@ fn rss(system: &str) {
             let m = mapped(&path);
             (0..5).fold(x.shallow_clone(), |_, _| mapped_pass(&m, &x))
         }
-        other => panic!("SIRE_PARTS_RSS={other}: sire or mmap"),
+        "memory" => {
+            // Every weight copied into memory first, then the peak and the
+            // start reset: the growth is what the compute itself adds.
+            let m = mapped(&path);
+            let in_memory: Vec<Tensor> = m.weights.iter().map(Tensor::copy).collect();
+            drop(m);
+            let _ = std::fs::write("/proc/self/clear_refs", "5");
+            start = status_mib("VmRSS:");
+            (0..5)
+                .fold(x.shallow_clone(), |_, _| in_memory.iter().fold(x.shallow_clone(), |h, w| layer(w, &h)))
+        }
+        other => panic!("SIRE_PARTS_RSS={other}: sire, mmap or memory"),
     };
     let peak = status_mib("VmHWM:");
     println!(

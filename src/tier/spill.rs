@@ -43,7 +43,7 @@ use std::ops::Range;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use memmap2::{Advice, Mmap, MmapOptions, UncheckedAdvice};
+use memmap2::{Advice, Mmap, UncheckedAdvice};
 use safetensors::tensor::{Metadata, SafeTensors, TensorInfo};
 use safetensors::Dtype;
 use tch::{Device, Kind, Tensor};
@@ -293,21 +293,14 @@ fn read_checked(path: &Path, names: &[String], expect: Expect<'_>, how: How<'_>)
         return Err(corrupt(format!("the file is {len} bytes long, too short for a safetensors header")));
     }
     // SAFETY: a shared mapping is read-only and only read through slices that
-    // do not outlive it; a private one is copy-on-write: what is written to
-    // it never reaches the file. `write` replaces a spill file by renaming a
-    // new file over it, which leaves the inode mapped here intact. Another
-    // process truncating the file meanwhile is outside this module's
-    // contract: it is caught when pages are populated, but racing an access
-    // to an unpopulated page it would raise SIGBUS.
-    let (shared, mut private) = match how {
-        How::Copy(_) => (Some(unsafe { Mmap::map(&file) }?), None),
-        How::Map { .. } => (None, Some(unsafe { MmapOptions::new().map_copy(&file) }?)),
-    };
-    let bytes: &[u8] = match (&shared, &private) {
-        (Some(m), _) => m,
-        (None, Some(m)) => m,
-        (None, None) => unreachable!("one mapping is made"),
-    };
+    // do not outlive it. `write` replaces a spill file by renaming a new file
+    // over it, which leaves the inode mapped here intact. Another process
+    // truncating the file meanwhile is outside this module's contract: it is
+    // caught when pages are populated, but racing an access to an
+    // unpopulated page it would raise SIGBUS. (The mapped path maps the
+    // tensors' bytes again, privately: see `map_tensors`.)
+    let shared = unsafe { Mmap::map(&file) }?;
+    let bytes: &[u8] = &shared;
     let (header_len, metadata) =
         SafeTensors::read_metadata(bytes).map_err(|e| corrupt(format!("bad header: {e}")))?;
     let data_start = PREFIX_LEN + header_len;
@@ -366,15 +359,14 @@ fn read_checked(path: &Path, names: &[String], expect: Expect<'_>, how: How<'_>)
     let mut dest = match how {
         How::Copy(dest) => dest,
         How::Map { verified } => {
-            let map = private.take().expect("a private mapping for How::Map");
             // A source's first read does not hash what it maps: its stamp is
             // its identity from then on (see `Source::check_stamp`).
             let first = jobs.iter().all(|job| job.recorded.is_none());
             let skip = verified == Some(stamp) || (first && matches!(expect, Expect::Source(_)));
-            return map_tensors(path, map, &jobs, skip, stamp, whole);
+            return map_tensors(path, &file, &jobs, skip, stamp, whole);
         }
     };
-    let map = shared.as_ref().expect("a shared mapping for How::Copy");
+    let map = &shared;
 
     // A hint only: it makes a cold file's read-ahead aggressive.
     let _ = map.advise(Advice::Sequential);

@@ -6,7 +6,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use memmap2::{Advice, MmapMut};
+use memmap2::{Advice, MmapMut, MmapOptions};
 use tch::Tensor;
 
 use super::{check_hash, Job, Read, WINDOW};
@@ -44,14 +44,19 @@ struct Mapping(#[allow(dead_code)] MmapMut);
 /// Hashes of tensors (by slot) computed by one thread of [`map_tensors`].
 type Hashed = Vec<(usize, Option<u64>)>;
 
-/// Points tensors at the private mapping `map` of the file at `path` for
-/// `jobs` (see [`How::Map`]), verifying their bytes first unless `skip`;
-/// `stamp` is the file's, and `whole` tells whether `jobs` are all its
-/// tensors. Makes no tensor (`mapped` false) where one is not aligned for its
-/// kind.
+/// Points tensors at a private mapping of `file` (at `path`) for `jobs` (see
+/// [`How::Map`]), verifying their bytes first unless `skip`; `stamp` is the
+/// file's, and `whole` tells whether `jobs` are all its tensors. Makes no
+/// tensor (`mapped` false) where one is not aligned for its kind.
+///
+/// The mapping covers the bytes of `jobs` only (from the page of the first
+/// to the end of the last), not the whole file: a model in many parts maps
+/// its file once in all, not once a part, and the pages the kernel maps
+/// around a fault stay within the tensors read (the header's page and the
+/// neighbouring parts' pages are not counted in this one's resident set).
 pub(super) fn map_tensors(
     path: &Path,
-    mut map: MmapMut,
+    file: &fs::File,
     jobs: &[Job<'_>],
     skip: bool,
     stamp: Stamp,
@@ -62,12 +67,35 @@ pub(super) fn map_tensors(
     if jobs.iter().any(|job| job.range.start % job.kind.elt_size_in_bytes() != 0) {
         return Ok(Read { tensors: Vec::new(), sums: Vec::new(), mapped: false, verified: None, stamp });
     }
+    let page = super::page_size();
+    let span = |f: fn(&Job<'_>) -> usize| jobs.iter().filter(|job| !job.range.is_empty()).map(f);
+    let (start, end) = match (span(|job| job.range.start).min(), span(|job| job.range.end).max()) {
+        (Some(start), Some(end)) => (start / page * page, end),
+        // Only empty tensors: one page of the file to point them at.
+        _ => (0, (stamp.len as usize).min(page)),
+    };
+    // SAFETY: a private mapping is copy-on-write: what is written to it never
+    // reaches the file. `write` replaces a spill file by renaming a new file
+    // over it, which leaves the inode mapped here intact. Another process
+    // truncating the file meanwhile is outside this module's contract: it is
+    // caught when pages are populated, but racing an access to an
+    // unpopulated page it would raise SIGBUS. The range lies in the file
+    // (its tensors' offsets were checked against its length with the header).
+    let mut map = unsafe { MmapOptions::new().offset(start as u64).len(end - start).map_copy(file) }?;
+    // Where each job's bytes are in the mapping.
+    let at = |job: &Job<'_>| {
+        if job.range.is_empty() {
+            0..0
+        } else {
+            job.range.start - start..job.range.end - start
+        }
+    };
     // A hint only: a cold file's ranges are read ahead, each at once. (Not
     // `MADV_SEQUENTIAL`: on a mapping of the whole file it halved the speed
     // of populating a cold range, and slowed the compute of other threads by
     // as much, in a measurement on Linux 6.18; see BENCHMARKS.md.)
     for job in jobs.iter().filter(|job| !job.range.is_empty()) {
-        let _ = map.advise_range(Advice::WillNeed, job.range.start, job.range.len());
+        let _ = map.advise_range(Advice::WillNeed, at(job).start, job.range.len());
     }
     // Tensors to verify are hashed by up to four threads, tensors dealt out
     // by size; their pages are faulted in at once first, where the kernel
@@ -80,14 +108,14 @@ pub(super) fn map_tensors(
         }
         let populated = match job.range.is_empty() {
             true => Ok(()),
-            false => map.advise_range(Advice::PopulateRead, job.range.start, job.range.len()),
+            false => map.advise_range(Advice::PopulateRead, at(job).start, job.range.len()),
         };
         match populated {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
             Err(e) => return Err(corrupt(format!("cannot read tensor `{}`: {e}", job.name))),
         }
-        let got = xxhash_rust::xxh3::xxh3_64(&map[job.range.clone()]);
+        let got = xxhash_rust::xxh3::xxh3_64(&map[at(job)]);
         check_hash(path, job, got)?;
         Ok(Some(got))
     };
@@ -128,12 +156,14 @@ pub(super) fn map_tensors(
     let mut out: Vec<Option<Tensor>> = jobs.iter().map(|_| None).collect();
     for job in jobs {
         crate::faults::hit(crate::faults::Point::Copy)?;
-        // SAFETY: `job.range` lies inside the mapping (checked against the
-        // file's length when the header was read) and is aligned for
-        // `job.kind` (checked above); the mapping is private and writable,
+        // SAFETY: `at(job)` lies inside the mapping (which spans every
+        // non-empty job's range, checked against the file's length when the
+        // header was read; an empty job points at its start) and is aligned
+        // for `job.kind` (its file offset is, checked above, and the mapping
+        // starts on a page of the file); the mapping is private and writable,
         // unmapped only when `owner`'s last reference goes, which the
         // tensor's storage holds; the ranges of a valid file do not overlap.
-        let t = unsafe { ffi::tensor_over(base.add(job.range.start), &job.shape, job.kind, owner.clone()) }?;
+        let t = unsafe { ffi::tensor_over(base.add(at(job).start), &job.shape, job.kind, owner.clone()) }?;
         out[job.slot] = Some(t);
     }
     let tensors = out.into_iter().map(|t| t.expect("every requested tensor was mapped")).collect();
