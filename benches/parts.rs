@@ -6,9 +6,10 @@
 //! 64). Each iteration is one pass.
 //!
 //! - `sire`: the file registered with `manage_parts` (one part a layer) in
-//!   pools with a host budget of half the model; a pass is a `Stream` (next
-//!   part prefetched on a background thread). Between passes half the model
-//!   stays resident; each pass streams the other half (measured, printed).
+//!   pools with a host budget of half the model (`SIRE_PARTS_BUDGET` sets it
+//!   in layers); a pass is a `Stream` (next part prefetched on a background
+//!   thread). Between passes some layers stay resident, and each pass
+//!   streams the others (both measured and printed).
 //! - `mmap`: what a Python user does: the file mapped once (`memmap2`), every
 //!   weight a tensor over the mapping, the page cache paging it: no budget
 //!   (the whole model ends up resident in the process).
@@ -67,6 +68,14 @@ fn batch() -> i64 {
 }
 const LAYER_BYTES: u64 = (D * D * 4) as u64;
 
+/// sire's host budget: `SIRE_PARTS_BUDGET` layers' worth, default half the model.
+fn budget() -> u64 {
+    std::env::var("SIRE_PARTS_BUDGET")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(layers() as u64 * LAYER_BYTES / 2, |n| n * LAYER_BYTES)
+}
+
 fn layers() -> usize {
     std::env::var("SIRE_PARTS_LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(16)
 }
@@ -103,7 +112,7 @@ fn sire_model(path: &Path, spill: &Path) -> (ResourcePoolManagement, Parted) {
         .cuda(false)
         .env(false)
         .map_files(map)
-        .cpu_budget(layers() as u64 * LAYER_BYTES / 2)
+        .cpu_budget(budget())
         .spill_dir(spill)
         .build()
         .unwrap();
@@ -275,7 +284,7 @@ fn rss(system: &str) {
     println!(
         "RESULT system={system} model_mib={model_mib:.0} budget_mib={:.0} rss_start_mib={start:.1} \
          peak_rss_mib={peak:.1} growth_mib={:.1} checksum={:.6}",
-        model_mib / 2.0,
+        budget() as f64 / 1048576.0,
         peak - start,
         y.sum(Kind::Double).double_value(&[])
     );
@@ -353,7 +362,7 @@ fn main() {
         "parts: {} layers, {} MiB, budget {} MiB; a pass streams {} MiB; keeps {keep:?}",
         layers(),
         (layers() as u64 * LAYER_BYTES) >> 20,
-        (layers() as u64 * LAYER_BYTES / 2) >> 20,
+        budget() >> 20,
         streamed >> 20
     );
     assert!(

@@ -205,6 +205,58 @@ fn a_model_slightly_over_the_budget_reloads_only_the_shortfall() {
     assert_eq!(pools.stats().bytes_from_disk, before);
 }
 
+/// A model twice the budget keeps a prefix (the budget holds eight of its 16
+/// parts: six kept, two streaming slots): the first six parts of the order
+/// stay resident between passes and are never read again; every pass reads
+/// the others in order, each at most once (the last two streamed may still
+/// be resident from the pass before). After a change of order, the prefix
+/// of the new order is kept. (A model with fewer parts to stream keeps what
+/// reloads about the shortfall: see the test above.)
+#[test]
+fn a_model_twice_the_budget_keeps_its_first_parts_and_streams_the_rest() {
+    let Fixture { ts, pools, m, _dirs } = fixture(16, 11, 8 * PART);
+    // The parts are in file order (`l0`, `l1`, `l10`…): part `i` is layer `layer_of[i]`.
+    let layer_of: Vec<usize> = m.part_names().iter().map(|n| n[1..].parse().unwrap()).collect();
+    let run = |order: &[usize]| {
+        let before = pools.stats().bytes_from_disk;
+        let mut s = m.stream();
+        let mut h = input();
+        for &i in order {
+            let (p, l) = (s.part(i).unwrap(), layer_of[i]);
+            h = layer(&p.get(&format!("l{l}.w")).unwrap(), &p.get(&format!("l{l}.b")).unwrap(), &h);
+            check_invariants(&pools.stats());
+        }
+        let loaded = s.loaded().to_vec();
+        drop(s);
+        let layers: Vec<usize> = order.iter().map(|&i| layer_of[i]).collect();
+        assert_close(&h, &plain(&ts, &layers), &format!("{order:?}"));
+        (loaded, pools.stats().bytes_from_disk - before)
+    };
+    // `loaded` is the streamed parts in the pass's order, each once, and
+    // `read` their bytes: at least the eight the budget cannot hold.
+    let check = |what: &str, (loaded, read): (Vec<usize>, u64), kept: &[usize], order: &[usize]| {
+        assert!(kept.iter().all(|k| !loaded.contains(k)), "{what}: the prefix read again: {loaded:?}");
+        let streamed: Vec<usize> = order.iter().copied().filter(|i| loaded.contains(i)).collect();
+        assert_eq!(loaded, streamed, "{what}: read in the pass's order, each once");
+        assert_eq!(read, loaded.len() as u64 * PART, "{what}");
+        assert!((8..=10).contains(&loaded.len()), "{what}: {loaded:?}");
+        let resident = m.resident();
+        assert!(kept.iter().all(|k| resident.contains(k)), "{what}: {resident:?}");
+    };
+    let forward: Vec<usize> = (0..16).collect();
+    assert_eq!(run(&forward).1, 16 * PART, "the first pass reads every part");
+    for round in 1..5 {
+        check(&format!("forward, pass {round}"), run(&forward), &forward[..6], &forward);
+    }
+    let backward: Vec<usize> = (0..16).rev().collect();
+    run(&backward);
+    run(&backward);
+    for round in 0..3 {
+        check(&format!("backward, pass {round}"), run(&backward), &backward[..6], &backward);
+    }
+    check_invariants(&pools.stats());
+}
+
 /// Passes in another order give the outputs of that order and no error; the
 /// order observed is followed from then on, and a pass that stops early
 /// within it does not change it.
