@@ -481,31 +481,30 @@ pub(crate) fn resident_set_bytes() -> u64 {
         .map_or(0, |pages| pages.saturating_mul(page_size()))
 }
 
+/// The size and the resident bytes (`Rss`) of this process's mapping that
+/// holds `addr`, from `/proc/self/smaps` (for tests).
+#[cfg(test)]
+pub(crate) fn mapping_of(addr: usize) -> (usize, u64) {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = None;
+    for line in smaps.lines() {
+        let range = line.split_whitespace().next().and_then(|r| r.split_once('-'));
+        if let Some((a, b)) = range.filter(|_| line.contains(' ')) {
+            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                inside = (a..b).contains(&addr).then_some(b - a);
+                continue;
+            }
+        }
+        if let (Some(size), Some(kb)) = (inside, line.strip_prefix("Rss:")) {
+            return (size, kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024);
+        }
+    }
+    panic!("no mapping holds {addr:#x}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Bytes of the mapping holding `addr` present in this process's page
-    /// tables (the `Rss` of its `/proc/self/smaps` entry).
-    fn mapping_rss(addr: usize) -> u64 {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let mut inside = false;
-        for line in smaps.lines() {
-            let range = line.split_whitespace().next().and_then(|r| r.split_once('-'));
-            if let Some((a, b)) = range.filter(|_| line.contains(' ')) {
-                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
-                    inside = (a..b).contains(&addr);
-                    continue;
-                }
-            }
-            if inside {
-                if let Some(kb) = line.strip_prefix("Rss:") {
-                    return kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024;
-                }
-            }
-        }
-        panic!("no mapping holds {addr:#x}")
-    }
 
     #[test]
     fn read_ahead_populates_a_file_mapping() {
@@ -516,9 +515,9 @@ mod tests {
         // SAFETY: a private read-only mapping of a file nobody else writes.
         let map = unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) }.unwrap();
         let addr = map.as_ptr() as usize;
-        assert_eq!(mapping_rss(addr), 0, "nothing touched yet");
+        assert_eq!(mapping_of(addr).1, 0, "nothing touched yet");
         if read_ahead(map.as_ptr(), map.len()) {
-            assert_eq!(mapping_rss(addr), 8 << 20, "every page read in");
+            assert_eq!(mapping_of(addr).1, 8 << 20, "every page read in");
         }
         // Unaligned ranges, and nothing.
         assert!(read_ahead(map[100..].as_ptr(), 5000));

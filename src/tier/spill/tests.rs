@@ -769,26 +769,6 @@ fn parts_of_one_source_read_their_own_tensors_and_share_its_identity() {
     assert!(matches!(source.read_into(&strings(&["b"]), None), Err(Error::Corrupt { .. })));
 }
 
-/// The size and the resident bytes (`Rss`) of the mapping holding `addr`,
-/// from `/proc/self/smaps`.
-fn mapping_of(addr: usize) -> (usize, u64) {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let mut inside = None;
-    for line in smaps.lines() {
-        let range = line.split_whitespace().next().and_then(|r| r.split_once('-'));
-        if let Some((a, b)) = range.filter(|_| line.contains(' ')) {
-            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
-                inside = (a..b).contains(&addr).then_some(b - a);
-                continue;
-            }
-        }
-        if let (Some(size), Some(kb)) = (inside, line.strip_prefix("Rss:")) {
-            return (size, kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024);
-        }
-    }
-    panic!("no mapping holds {addr:#x}")
-}
-
 /// A mapped read maps the bytes of the tensors it reads, not the whole file:
 /// neither the header's page nor the neighbours' pages (in the page cache,
 /// which the kernel maps around a fault) count in its resident set.
@@ -809,7 +789,7 @@ fn a_mapped_read_maps_only_its_tensors() {
     let b = &got[0];
     assert_eq!(b.sum(Kind::Double).double_value(&[]), 2.0 * n as f64, "every page read");
     let page = page_size();
-    let (size, rss) = mapping_of(b.data_ptr() as usize);
+    let (size, rss) = ffi::mapping_of(b.data_ptr() as usize);
     assert!(size >= MIB as usize && size <= MIB as usize + 2 * page, "a mapping of {size} bytes for 1 MiB");
     assert!(rss <= MIB + 2 * page as u64, "{rss} bytes resident for 1 MiB");
 }
